@@ -1,0 +1,24 @@
+//! Syntropism's wire contracts.
+//!
+//! This crate is the only place that knows subject names, header names, error codes and message
+//! types. It also carries the one generic, typed request/reply layer over NATS ([`rpc`]), so no
+//! service writes decode → handle → encode boilerplate again.
+
+pub mod economy;
+pub mod error;
+pub mod events;
+pub mod headers;
+pub mod ids;
+pub mod rpc;
+pub mod subjects;
+pub mod trace;
+
+/// Generated protobuf messages (`proto/syntropism/v1/*.proto`).
+#[allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/syntropism.v1.rs"));
+}
+
+pub use error::{ErrorCode, RpcError};
+pub use ids::{AgentId, Credits, HoldId, IdError, IdempotencyId, TransferId};
+pub use rpc::{Endpoint, Method, RequestContext, RpcClient, RpcServer, Scope};
