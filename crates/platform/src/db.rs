@@ -64,7 +64,7 @@ fn with_search_path(url: &str, schema: &str) -> anyhow::Result<String> {
     url.query_pairs_mut()
         .clear()
         .extend_pairs(others)
-        .append_pair("options", &format!("-c search_path={schema}"));
+        .append_pair("options", &format!("-csearch_path={schema}"));
     Ok(url.into())
 }
 
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn search_path_is_added_to_the_url() {
         let url = with_search_path("postgres://e:p@h:1/db?sslmode=disable", "economy").unwrap();
-        assert_eq!(url, "postgres://e:p@h:1/db?sslmode=disable&options=-c+search_path%3Deconomy");
+        assert_eq!(url, "postgres://e:p@h:1/db?sslmode=disable&options=-csearch_path%3Deconomy");
     }
 
     #[test]
