@@ -483,3 +483,224 @@ impl Ledger {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const AGENTS: usize = 4;
+
+    /// A test driver playing the store's part: reserves rows for opens, gives new holds ids.
+    #[derive(Debug, Clone)]
+    struct Model {
+        ledger: Ledger,
+        agents: Vec<AgentId>,
+        next_id: i64,
+    }
+
+    impl Model {
+        fn new() -> Self {
+            let mut agents: Vec<AgentId> = (0..AGENTS).map(|_| AgentId::random()).collect();
+            agents.sort();
+            Model { ledger: Ledger::default(), agents, next_id: 1000 }
+        }
+
+        fn run(&mut self, ops: &[Op]) -> Result<Plan, OpError> {
+            let before = self.clone();
+            for op in ops {
+                if let Op::Open { agent } = op {
+                    if !self.ledger.accounts.contains_key(agent) {
+                        self.next_id += 1;
+                        self.ledger.accounts.insert(
+                            *agent,
+                            AccountState { id: self.next_id, agent: *agent, open: true, balance: 0, pending: 0, visible: false },
+                        );
+                    }
+                }
+            }
+            match self.ledger.apply(ops) {
+                Ok(plan) => {
+                    for hold in &plan.holds {
+                        self.next_id += 1;
+                        let id = HoldId::parse(self.next_id).unwrap();
+                        self.ledger.holds.insert(
+                            id,
+                            HoldState { id, from: hold.from, to: hold.to, amount: hold.amount, status: HoldStatus::Pending },
+                        );
+                    }
+                    Ok(plan)
+                }
+                Err(error) => {
+                    *self = before;
+                    Err(error)
+                }
+            }
+        }
+
+        fn check_invariants(&self) {
+            let l = &self.ledger;
+            let agents: i128 = l.accounts.values().filter(|a| a.visible).map(|a| i128::from(a.balance)).sum();
+            assert_eq!(agents + i128::from(l.mint_balance) + i128::from(l.burn_balance), 0, "credits are conserved");
+            assert!(l.mint_balance <= 0 && l.burn_balance >= 0);
+            for account in l.accounts.values() {
+                assert!(account.available() >= 0, "available never negative: {account:?}");
+                let held: i64 = l
+                    .holds
+                    .values()
+                    .filter(|h| h.from == account.agent && h.status == HoldStatus::Pending)
+                    .map(|h| h.amount.micros())
+                    .sum();
+                assert_eq!(account.pending, held, "pending is the sum of pending holds");
+                if !account.open {
+                    assert_eq!((account.balance, account.pending), (0, 0), "closed accounts are empty");
+                }
+                assert!(account.visible, "no reserved row survives a request");
+            }
+        }
+    }
+
+    fn amount() -> impl Strategy<Value = Credits> {
+        prop_oneof![
+            8 => (1i64..=1_000).prop_map(Credits::from_micros),
+            1 => Just(Credits::from_micros(0)),
+            1 => Just(Credits::from_micros(-7)),
+            1 => Just(Credits::from_micros(i64::MAX)),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum OpSpec {
+        Open(usize),
+        Close(usize),
+        Transfer(usize, Option<usize>, Credits),
+        Mint(usize, Credits),
+        Hold(usize, Option<usize>, Credits),
+        Post(usize, Option<Credits>),
+        Void(usize),
+    }
+
+    fn op_spec() -> impl Strategy<Value = OpSpec> {
+        let agent = 0..AGENTS;
+        let payee = proptest::option::weighted(0.8, 0..AGENTS);
+        prop_oneof![
+            2 => agent.clone().prop_map(OpSpec::Open),
+            1 => agent.clone().prop_map(OpSpec::Close),
+            4 => (agent.clone(), payee.clone(), amount()).prop_map(|(a, b, c)| OpSpec::Transfer(a, b, c)),
+            3 => (agent.clone(), amount()).prop_map(|(a, c)| OpSpec::Mint(a, c)),
+            3 => (agent.clone(), payee, amount()).prop_map(|(a, b, c)| OpSpec::Hold(a, b, c)),
+            2 => (0usize..12, proptest::option::of(amount())).prop_map(|(h, c)| OpSpec::Post(h, c)),
+            2 => (0usize..12).prop_map(OpSpec::Void),
+        ]
+    }
+
+    fn realise(model: &Model, spec: &OpSpec) -> Op {
+        let agent = |i: usize| model.agents[i];
+        let payee = |i: Option<usize>| i.map(|i| Payee::Agent(agent(i))).unwrap_or(Payee::Burn);
+        // Hold references pick among existing holds, or a missing id.
+        let mut holds: Vec<HoldId> = model.ledger.holds.keys().copied().collect();
+        holds.sort();
+        let hold = |i: usize| holds.get(i).copied().unwrap_or(HoldId::parse(999_999).unwrap());
+        match spec {
+            OpSpec::Open(a) => Op::Open { agent: agent(*a) },
+            OpSpec::Close(a) => Op::Close { agent: agent(*a), memo: String::new() },
+            OpSpec::Transfer(a, b, c) => Op::Transfer { from: agent(*a), to: payee(*b), amount: *c, memo: String::new() },
+            OpSpec::Mint(a, c) => Op::Mint { to: agent(*a), amount: *c, reason: MintReason::Reward, memo: String::new() },
+            OpSpec::Hold(a, b, c) => Op::Hold { from: agent(*a), to: payee(*b), amount: *c, memo: String::new() },
+            OpSpec::Post(h, c) => Op::Post { hold: hold(*h), amount: *c },
+            OpSpec::Void(h) => Op::Void { hold: hold(*h) },
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever sequence of single operations arrives, the invariants hold after each, and
+        /// a refused operation changes nothing.
+        #[test]
+        fn invariants_hold_after_every_operation(specs in proptest::collection::vec(op_spec(), 1..60)) {
+            let mut model = Model::new();
+            for spec in &specs {
+                let op = realise(&model, spec);
+                let before = model.ledger.clone();
+                match model.run(std::slice::from_ref(&op)) {
+                    Ok(plan) => {
+                        prop_assert_eq!(plan.outcomes.len(), 1);
+                        prop_assert!(op.check_shape().is_ok());
+                        for t in &plan.transfers {
+                            prop_assert!(t.amount.is_positive());
+                            prop_assert_ne!(t.debit, t.credit);
+                            prop_assert_ne!(t.credit, AccountRef::Mint);
+                            prop_assert_ne!(t.debit, AccountRef::Burn);
+                            prop_assert_eq!(t.debit == AccountRef::Mint, t.kind == TransferKind::Mint);
+                        }
+                    }
+                    Err(error) => {
+                        prop_assert_eq!(&model.ledger, &before, "refused {:?} with {:?} but changed the ledger", op, error);
+                    }
+                }
+                model.check_invariants();
+            }
+        }
+
+        /// A batch is all or nothing, and when it succeeds it equals its operations one by one.
+        #[test]
+        fn batches_are_atomic_and_sequential(
+            setup in proptest::collection::vec(op_spec(), 0..30),
+            batch in proptest::collection::vec(op_spec(), 1..12),
+        ) {
+            let mut model = Model::new();
+            for spec in &setup {
+                let op = realise(&model, spec);
+                let _ = model.run(&[op]);
+            }
+            let ops: Vec<Op> = batch.iter().map(|s| realise(&model, s)).collect();
+            let mut one_by_one = model.clone();
+            let sequential: Result<Vec<Plan>, OpError> = ops.iter().map(|op| one_by_one.run(std::slice::from_ref(op))).collect();
+            let before = model.ledger.clone();
+            match model.run(&ops) {
+                Ok(plan) => {
+                    prop_assert!(sequential.is_ok(), "batch succeeded where its steps fail");
+                    prop_assert_eq!(&model.ledger.accounts, &one_by_one.ledger.accounts);
+                    prop_assert_eq!(model.ledger.mint_balance, one_by_one.ledger.mint_balance);
+                    prop_assert_eq!(model.ledger.burn_balance, one_by_one.ledger.burn_balance);
+                    prop_assert_eq!(plan.outcomes.len(), ops.len());
+                }
+                Err(error) => {
+                    prop_assert!(error.index < ops.len());
+                    prop_assert_eq!(&model.ledger, &before, "a failed batch leaves no trace");
+                }
+            }
+            model.check_invariants();
+        }
+    }
+
+    #[test]
+    fn shape_errors_come_before_state() {
+        let agent = AgentId::random();
+        let op = Op::Transfer { from: agent, to: Payee::Agent(agent), amount: Credits::from_micros(5), memo: String::new() };
+        assert_eq!(op.check_shape(), Err(LedgerError::SelfTransfer));
+        let op = Op::Mint { to: agent, amount: Credits::from_micros(1), reason: MintReason::Reward, memo: "x".repeat(MAX_MEMO_BYTES + 1) };
+        assert_eq!(op.check_shape(), Err(LedgerError::MemoTooLong(MAX_MEMO_BYTES + 1)));
+        let op = Op::Post { hold: HoldId::parse(1).unwrap(), amount: Some(Credits::from_micros(0)) };
+        assert!(matches!(op.check_shape(), Err(LedgerError::NonPositiveAmount(_))));
+    }
+
+    #[test]
+    fn posting_part_of_a_hold_releases_the_rest() {
+        let mut model = Model::new();
+        let (a, b) = (model.agents[0], model.agents[1]);
+        model.run(&[Op::Open { agent: a }, Op::Open { agent: b }]).unwrap();
+        model.run(&[Op::Mint { to: a, amount: Credits::from_micros(100), reason: MintReason::GenesisGrant, memo: String::new() }]).unwrap();
+        model.run(&[Op::Hold { from: a, to: Payee::Agent(b), amount: Credits::from_micros(60), memo: String::new() }]).unwrap();
+        let hold = *model.ledger.holds.keys().next().unwrap();
+        assert_eq!(model.ledger.accounts[&a].available(), 40);
+        let too_much = model.run(&[Op::Post { hold, amount: Some(Credits::from_micros(61)) }]).unwrap_err();
+        assert!(matches!(too_much.error, LedgerError::PostExceedsHold { .. }));
+        model.run(&[Op::Post { hold, amount: Some(Credits::from_micros(25)) }]).unwrap();
+        assert_eq!((model.ledger.accounts[&a].balance, model.ledger.accounts[&a].pending), (75, 0));
+        assert_eq!(model.ledger.accounts[&b].balance, 25);
+        model.check_invariants();
+    }
+}
