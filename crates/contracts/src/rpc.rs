@@ -313,6 +313,10 @@ impl RpcServer {
         let subject = M::ENDPOINT.serve_subject();
         let mut subscription =
             self.nats.queue_subscribe(subject.clone(), self.queue_group.clone()).await?;
+        // A round trip to the server, so that when `serve` returns the subject is reachable.
+        if let Err(error) = self.nats.flush().await {
+            tracing::warn!(%subject, %error, "flush after subscribing failed");
+        }
         let handler = Arc::new(handler);
         let (nats, in_flight, handlers, stop) =
             (self.nats.clone(), self.in_flight.clone(), self.handlers.clone(), self.stop.clone());
