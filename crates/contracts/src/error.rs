@@ -63,7 +63,12 @@ macro_rules! constructors {
 
 impl RpcError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), reason: String::new(), details: BTreeMap::new() }
+        Self {
+            code,
+            message: message.into(),
+            reason: String::new(),
+            details: BTreeMap::new(),
+        }
     }
 
     constructors! {
@@ -100,7 +105,11 @@ impl RpcError {
             message: self.message.clone(),
             reason: self.reason.clone(),
             retryable: self.is_retryable(),
-            details: self.details.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            details: self
+                .details
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 

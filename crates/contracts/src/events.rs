@@ -31,7 +31,11 @@ pub fn envelope<M: Message + Name>(
 /// Decodes an envelope's payload, checking its declared type.
 pub fn open<M: Message + Name + Default>(envelope: &pb::EventEnvelope) -> Result<M, String> {
     if envelope.r#type != M::full_name() {
-        return Err(format!("expected {}, got {}", M::full_name(), envelope.r#type));
+        return Err(format!(
+            "expected {}, got {}",
+            M::full_name(),
+            envelope.r#type
+        ));
     }
     M::decode(envelope.payload.as_slice()).map_err(|e| e.to_string())
 }

@@ -15,7 +15,10 @@ pub struct IdError {
 
 impl IdError {
     fn new(field: &'static str, problem: impl Into<String>) -> Self {
-        Self { field, problem: problem.into() }
+        Self {
+            field,
+            problem: problem.into(),
+        }
     }
 }
 
@@ -91,7 +94,10 @@ impl Credits {
     /// A strictly positive amount, as every transfer, hold and mint needs.
     pub fn positive(micros: i64, field: &'static str) -> Result<Self, IdError> {
         if micros <= 0 {
-            return Err(IdError::new(field, format!("amount must be > 0 micro-credits, got {micros}")));
+            return Err(IdError::new(
+                field,
+                format!("amount must be > 0 micro-credits, got {micros}"),
+            ));
         }
         Ok(Self(micros))
     }
@@ -134,13 +140,25 @@ impl IdempotencyId {
     pub fn parse(value: &str) -> Result<Self, IdError> {
         const FIELD: &str = "idempotency_id";
         if value.is_empty() {
-            return Err(IdError::new(FIELD, "an idempotency id is required on every mutation"));
+            return Err(IdError::new(
+                FIELD,
+                "an idempotency id is required on every mutation",
+            ));
         }
         if value.len() > Self::MAX_LEN {
-            return Err(IdError::new(FIELD, format!("longer than {} characters", Self::MAX_LEN)));
+            return Err(IdError::new(
+                FIELD,
+                format!("longer than {} characters", Self::MAX_LEN),
+            ));
         }
-        if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')) {
-            return Err(IdError::new(FIELD, "only letters, digits and . _ : - are allowed"));
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(IdError::new(
+                FIELD,
+                "only letters, digits and . _ : - are allowed",
+            ));
         }
         Ok(Self(value.to_owned()))
     }
@@ -207,12 +225,18 @@ mod tests {
     fn credits_display_is_exact() {
         assert_eq!(Credits::from_micros(1_500_000).to_string(), "1.500000 cr");
         assert_eq!(Credits::from_micros(-1).to_string(), "-0.000001 cr");
-        assert_eq!(Credits::from_micros(i64::MIN).to_string(), "-9223372036854.775808 cr");
+        assert_eq!(
+            Credits::from_micros(i64::MIN).to_string(),
+            "-9223372036854.775808 cr"
+        );
     }
 
     #[test]
     fn credits_arithmetic_is_checked() {
-        assert_eq!(Credits::from_micros(i64::MAX).checked_add(Credits::from_micros(1)), None);
+        assert_eq!(
+            Credits::from_micros(i64::MAX).checked_add(Credits::from_micros(1)),
+            None
+        );
         assert_eq!(Credits::from_credits(i64::MAX / 1000), None);
         assert!(Credits::positive(0, "amount").is_err());
         assert!(Credits::positive(-5, "amount").is_err());

@@ -14,7 +14,12 @@ pub mod subjects;
 pub mod trace;
 
 /// Generated protobuf messages (`proto/syntropism/v1/*.proto`).
-#[allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/syntropism.v1.rs"));
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, Message, RequestErrorKind};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use prost::Message as _;
 use opentelemetry::trace::TraceContextExt;
+use prost::Message as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -133,7 +133,8 @@ pub struct RequestContext {
 impl RequestContext {
     /// The calling agent; only `None` if a non-agent method asks, which is a programming error.
     pub fn caller(&self) -> Result<AgentId, RpcError> {
-        self.agent.ok_or_else(|| RpcError::internal("method is not agent-facing"))
+        self.agent
+            .ok_or_else(|| RpcError::internal("method is not agent-facing"))
     }
 }
 
@@ -150,7 +151,11 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub fn new(nats: Client) -> Self {
-        Self { nats, timeout: DEFAULT_TIMEOUT, correlation_id: None }
+        Self {
+            nats,
+            timeout: DEFAULT_TIMEOUT,
+            correlation_id: None,
+        }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -201,7 +206,9 @@ impl RpcClient {
             if payload.len() > M::MAX_REQUEST_BYTES {
                 return Err(too_large(payload.len(), M::MAX_REQUEST_BYTES));
             }
-            let reply = self.request_raw(&subject, HeaderMap::new(), payload.into()).await?;
+            let reply = self
+                .request_raw(&subject, HeaderMap::new(), payload.into())
+                .await?;
             decode_reply::<M::Response>(reply)
         }
         .instrument(span.clone())
@@ -222,16 +229,20 @@ impl RpcClient {
     ) -> Result<Message, RpcError> {
         crate::trace::inject(&crate::trace::current_context(), &mut headers);
         if headers.get(headers::CORRELATION_ID).is_none() {
-            let correlation =
-                self.correlation_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let correlation = self
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
             headers.insert(headers::CORRELATION_ID, correlation.as_str());
         }
         let request = async_nats::Request::new()
             .payload(payload)
             .headers(headers)
             .timeout(Some(self.timeout));
-        self.nats.send_request(subject.to_owned(), request).await.map_err(|error| {
-            match error.kind() {
+        self.nats
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|error| match error.kind() {
                 RequestErrorKind::TimedOut => RpcError::deadline_exceeded(format!(
                     "no reply on {subject} within {:?}",
                     self.timeout
@@ -245,14 +256,16 @@ impl RpcClient {
                 }
                 RequestErrorKind::InvalidSubject => RpcError::invalid_argument(error.to_string()),
                 RequestErrorKind::Other => RpcError::unavailable(error.to_string()),
-            }
-        })
+            })
     }
 }
 
 /// Turns a reply into the typed response, or the error it carries.
 pub fn decode_reply<T: prost::Message + Default>(reply: Message) -> Result<T, RpcError> {
-    let is_error = reply.headers.as_ref().is_some_and(|h| h.get(headers::ERROR).is_some());
+    let is_error = reply
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(headers::ERROR).is_some());
     if is_error {
         let error = prost::Message::decode(reply.payload)
             .map_err(|e| RpcError::internal(format!("undecodable error reply: {e}")))?;
@@ -262,8 +275,10 @@ pub fn decode_reply<T: prost::Message + Default>(reply: Message) -> Result<T, Rp
 }
 
 fn too_large(size: usize, limit: usize) -> RpcError {
-    RpcError::payload_too_large(format!("request of {size} bytes exceeds the {limit}-byte limit"))
-        .with_detail("limit_bytes", limit)
+    RpcError::payload_too_large(format!(
+        "request of {size} bytes exceeds the {limit}-byte limit"
+    ))
+    .with_detail("limit_bytes", limit)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,15 +326,21 @@ impl RpcServer {
         Fut: Future<Output = Result<M::Response, RpcError>> + Send + 'static,
     {
         let subject = M::ENDPOINT.serve_subject();
-        let mut subscription =
-            self.nats.queue_subscribe(subject.clone(), self.queue_group.clone()).await?;
+        let mut subscription = self
+            .nats
+            .queue_subscribe(subject.clone(), self.queue_group.clone())
+            .await?;
         // A round trip to the server, so that when `serve` returns the subject is reachable.
         if let Err(error) = self.nats.flush().await {
             tracing::warn!(%subject, %error, "flush after subscribing failed");
         }
         let handler = Arc::new(handler);
-        let (nats, in_flight, handlers, stop) =
-            (self.nats.clone(), self.in_flight.clone(), self.handlers.clone(), self.stop.clone());
+        let (nats, in_flight, handlers, stop) = (
+            self.nats.clone(),
+            self.in_flight.clone(),
+            self.handlers.clone(),
+            self.stop.clone(),
+        );
         tracing::debug!(%subject, queue_group = %self.queue_group, "serving");
         self.loops.spawn(async move {
             let mut draining = false;
@@ -409,7 +430,10 @@ where
             (error.code.name(), error.to_proto().encode_to_vec())
         }
     };
-    if let Err(error) = nats.publish_with_headers(reply_to, reply_headers, body.into()).await {
+    if let Err(error) = nats
+        .publish_with_headers(reply_to, reply_headers, body.into())
+        .await
+    {
         tracing::warn!(parent: &span, %error, "could not publish reply");
     }
     metrics::counter!("syntropism_rpc_requests_total", "method" => method.clone(), "code" => code)
@@ -446,7 +470,11 @@ where
         .map(|v| v.as_str().to_owned())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let context = RequestContext { subject: message.subject.to_string(), agent, correlation_id };
+    let context = RequestContext {
+        subject: message.subject.to_string(),
+        agent,
+        correlation_id,
+    };
     handler(context, request).await
 }
 
@@ -467,17 +495,29 @@ mod tests {
     #[test]
     fn subjects_follow_the_design() {
         let agent = AgentId::random();
-        let internal = Endpoint { scope: Scope::Internal, service: "economy", method: "transfer" };
+        let internal = Endpoint {
+            scope: Scope::Internal,
+            service: "economy",
+            method: "transfer",
+        };
         assert_eq!(internal.subject(None).unwrap(), "economy.transfer");
         assert!(internal.subject(Some(&agent)).is_err());
-        let agent_facing = Endpoint { scope: Scope::Agent, service: "economy", method: "balance" };
+        let agent_facing = Endpoint {
+            scope: Scope::Agent,
+            service: "economy",
+            method: "balance",
+        };
         assert_eq!(agent_facing.serve_subject(), "agent.*.economy.balance");
         assert_eq!(
             agent_facing.subject(Some(&agent)).unwrap(),
             format!("agent.{agent}.economy.balance")
         );
         assert!(agent_facing.subject(None).is_err());
-        let admin = Endpoint { scope: Scope::Admin, service: "market", method: "set_supply" };
+        let admin = Endpoint {
+            scope: Scope::Admin,
+            service: "market",
+            method: "set_supply",
+        };
         assert_eq!(admin.subject(None).unwrap(), "admin.market.set_supply");
     }
 }

@@ -1,9 +1,9 @@
 //! W3C trace context carried in NATS headers, both ways.
 
 use async_nats::HeaderMap;
+use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -55,7 +55,9 @@ pub fn current_context() -> Context {
 pub fn current_traceparent() -> Option<String> {
     let mut headers = HeaderMap::new();
     inject(&current_context(), &mut headers);
-    headers.get(crate::headers::TRACEPARENT).map(|v| v.as_str().to_owned())
+    headers
+        .get(crate::headers::TRACEPARENT)
+        .map(|v| v.as_str().to_owned())
 }
 
 #[cfg(test)]
@@ -73,8 +75,15 @@ mod tests {
         assert!(cx.span().span_context().is_valid());
         let mut outgoing = HeaderMap::new();
         inject(&cx, &mut outgoing);
-        let value = outgoing.get(crate::headers::TRACEPARENT).unwrap().as_str().to_owned();
-        assert!(value.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{value}");
+        let value = outgoing
+            .get(crate::headers::TRACEPARENT)
+            .unwrap()
+            .as_str()
+            .to_owned();
+        assert!(
+            value.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{value}"
+        );
     }
 
     #[test]

@@ -1,15 +1,14 @@
 //! The economy service's configuration: the shared platform sections plus `[economy]`.
 
 use serde::Deserialize;
-use syntropism_platform::{PlatformConfig, Problems, Validate};
+use syntropism_platform::config::ServiceConfig;
+use syntropism_platform::{Problems, Validate};
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct EconomyConfig {
-    #[serde(flatten)]
-    pub platform: PlatformConfig,
-    #[serde(default)]
-    pub economy: EconomySection,
-}
+/// The shared platform sections plus `[economy]`.
+pub type EconomyConfig = ServiceConfig<EconomySection>;
+
+/// The name of the service's own configuration section.
+pub const SECTION: &str = "economy";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -26,16 +25,28 @@ pub struct EconomySection {
 
 impl Default for EconomySection {
     fn default() -> Self {
-        Self { system_shards: 64, history_default_limit: 50, history_max_limit: 500, max_batch_ops: 10_000 }
+        Self {
+            system_shards: 64,
+            history_default_limit: 50,
+            history_max_limit: 500,
+            max_batch_ops: 10_000,
+        }
     }
 }
 
-impl Validate for EconomyConfig {
+impl Validate for EconomySection {
     fn validate(&self, p: &mut Problems) {
-        self.platform.validate(p);
-        let e = &self.economy;
-        p.check((1..=64).contains(&e.system_shards), "economy.system_shards", "must be between 1 and 64");
-        p.check(e.history_default_limit >= 1, "economy.history_default_limit", "must be >= 1");
+        let e = self;
+        p.check(
+            (1..=64).contains(&e.system_shards),
+            "economy.system_shards",
+            "must be between 1 and 64",
+        );
+        p.check(
+            e.history_default_limit >= 1,
+            "economy.history_default_limit",
+            "must be >= 1",
+        );
         p.check(
             e.history_max_limit >= e.history_default_limit && e.history_max_limit <= 10_000,
             "economy.history_max_limit",
@@ -44,13 +55,19 @@ impl Validate for EconomyConfig {
         p.check(
             (1..=syntropism_contracts::economy::MAX_BATCH_OPS).contains(&e.max_batch_ops),
             "economy.max_batch_ops",
-            format!("must be between 1 and {}", syntropism_contracts::economy::MAX_BATCH_OPS),
+            format!(
+                "must be between 1 and {}",
+                syntropism_contracts::economy::MAX_BATCH_OPS
+            ),
         );
     }
 }
 
 /// Built-in defaults that depend on the service (the rest are in the structs).
 pub const DEFAULTS: &[(&str, &str)] = &[
-    ("database.url", "postgres://economy:economy@127.0.0.1:55432/syntropism"),
+    (
+        "database.url",
+        "postgres://economy:economy@127.0.0.1:55432/syntropism",
+    ),
     ("http.listen", "127.0.0.1:9101"),
 ];

@@ -11,14 +11,22 @@ impl From<&LedgerError> for RpcError {
             LedgerError::NonPositiveAmount(_) => {
                 RpcError::invalid_argument(message).with_reason("non_positive_amount")
             }
-            LedgerError::SelfTransfer => RpcError::invalid_argument(message).with_reason("self_transfer"),
-            LedgerError::MemoTooLong(_) => RpcError::invalid_argument(message).with_reason("memo_too_long"),
+            LedgerError::SelfTransfer => {
+                RpcError::invalid_argument(message).with_reason("self_transfer")
+            }
+            LedgerError::MemoTooLong(_) => {
+                RpcError::invalid_argument(message).with_reason("memo_too_long")
+            }
             LedgerError::Overflow(_) => RpcError::invalid_argument(message).with_reason("overflow"),
             LedgerError::PostExceedsHold { .. } => {
                 RpcError::invalid_argument(message).with_reason("post_exceeds_hold")
             }
-            LedgerError::AccountNotFound(_) => RpcError::not_found(message).with_reason("account_not_found"),
-            LedgerError::HoldNotFound(_) => RpcError::not_found(message).with_reason("hold_not_found"),
+            LedgerError::AccountNotFound(_) => {
+                RpcError::not_found(message).with_reason("account_not_found")
+            }
+            LedgerError::HoldNotFound(_) => {
+                RpcError::not_found(message).with_reason("hold_not_found")
+            }
             LedgerError::AccountExists(_) => {
                 RpcError::already_exists(message).with_reason("account_exists")
             }
@@ -31,12 +39,12 @@ impl From<&LedgerError> for RpcError {
             LedgerError::PendingHolds { .. } => {
                 RpcError::failed_precondition(message).with_reason("pending_holds")
             }
-            LedgerError::InsufficientFunds { available, needed, .. } => {
-                RpcError::insufficient_funds(message)
-                    .with_reason("insufficient_funds")
-                    .with_detail("available_micros", available.micros())
-                    .with_detail("needed_micros", needed.micros())
-            }
+            LedgerError::InsufficientFunds {
+                available, needed, ..
+            } => RpcError::insufficient_funds(message)
+                .with_reason("insufficient_funds")
+                .with_detail("available_micros", available.micros())
+                .with_detail("needed_micros", needed.micros()),
         }
     }
 }
@@ -45,8 +53,11 @@ impl From<&LedgerError> for RpcError {
 pub(crate) fn op_error(error: &OpError, ops: usize) -> RpcError {
     let rpc = RpcError::from(&error.error);
     if ops > 1 {
-        RpcError { message: format!("operation {}: {}", error.index, rpc.message), ..rpc }
-            .with_detail("op_index", error.index)
+        RpcError {
+            message: format!("operation {}: {}", error.index, rpc.message),
+            ..rpc
+        }
+        .with_detail("op_index", error.index)
     } else {
         rpc
     }
@@ -60,12 +71,16 @@ pub(crate) fn db_error(error: diesel::result::Error) -> RpcError {
         Error::DatabaseError(kind, info) => {
             let message = info.message().to_owned();
             if message.contains("out of range") {
-                return RpcError::invalid_argument(format!("amount overflows: {message}")).with_reason("overflow");
+                return RpcError::invalid_argument(format!("amount overflows: {message}"))
+                    .with_reason("overflow");
             }
             match kind {
-                DatabaseErrorKind::ClosedConnection => RpcError::unavailable(format!("database connection lost: {message}")),
+                DatabaseErrorKind::ClosedConnection => {
+                    RpcError::unavailable(format!("database connection lost: {message}"))
+                }
                 DatabaseErrorKind::SerializationFailure => {
-                    RpcError::unavailable(format!("database contention: {message}")).with_reason("contention")
+                    RpcError::unavailable(format!("database contention: {message}"))
+                        .with_reason("contention")
                 }
                 DatabaseErrorKind::CheckViolation
                 | DatabaseErrorKind::ForeignKeyViolation

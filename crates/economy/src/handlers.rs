@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use syntropism_contracts::economy::{agent, internal};
-use syntropism_contracts::{AgentId, Credits, HoldId, IdempotencyId, RequestContext, RpcError, RpcServer, pb};
+use syntropism_contracts::{
+    AgentId, Credits, HoldId, IdempotencyId, RequestContext, RpcError, RpcServer, pb,
+};
 
 use crate::config::EconomySection;
 use crate::errors::op_error;
@@ -20,7 +22,10 @@ pub struct Economy {
 }
 
 /// Subscribes every economy method on `rpc`.
-pub async fn register(rpc: &mut RpcServer, economy: Arc<Economy>) -> Result<(), async_nats::SubscribeError> {
+pub async fn register(
+    rpc: &mut RpcServer,
+    economy: Arc<Economy>,
+) -> Result<(), async_nats::SubscribeError> {
     macro_rules! serve {
         ($method:ty, $handler:ident) => {{
             let economy = economy.clone();
@@ -71,7 +76,9 @@ macro_rules! idempotent {
 
 fn required<T>(value: Option<T>, field: &'static str) -> Result<T, RpcError> {
     value.ok_or_else(|| {
-        RpcError::invalid_argument(format!("{field} is required")).with_reason("missing_field").with_detail("field", field)
+        RpcError::invalid_argument(format!("{field} is required"))
+            .with_reason("missing_field")
+            .with_detail("field", field)
     })
 }
 
@@ -86,9 +93,11 @@ fn account_ref(value: Option<pb::AccountRef>, field: &'static str) -> Result<Acc
         Account::System(system) => match pb::SystemAccount::try_from(system) {
             Ok(pb::SystemAccount::Mint) => Ok(AccountRef::Mint),
             Ok(pb::SystemAccount::Burn) => Ok(AccountRef::Burn),
-            _ => Err(RpcError::invalid_argument(format!("{field}: unknown system account {system}"))
-                .with_reason("invalid_field")
-                .with_detail("field", field)),
+            _ => Err(RpcError::invalid_argument(format!(
+                "{field}: unknown system account {system}"
+            ))
+            .with_reason("invalid_field")
+            .with_detail("field", field)),
         },
     }
 }
@@ -108,9 +117,11 @@ fn payee(value: Option<pb::AccountRef>, field: &'static str) -> Result<Payee, Rp
     match account_ref(value, field)? {
         AccountRef::Agent(agent) => Ok(Payee::Agent(agent)),
         AccountRef::Burn => Ok(Payee::Burn),
-        AccountRef::Mint => Err(RpcError::invalid_argument(format!("{field}: nothing can be paid to the mint"))
-            .with_reason("invalid_payee")
-            .with_detail("field", field)),
+        AccountRef::Mint => Err(RpcError::invalid_argument(format!(
+            "{field}: nothing can be paid to the mint"
+        ))
+        .with_reason("invalid_payee")
+        .with_detail("field", field)),
     }
 }
 
@@ -120,12 +131,17 @@ fn hold_id(value: i64) -> Result<HoldId, RpcError> {
 
 fn open_op(op: Option<pb::OpenAccountOp>) -> Result<Op, RpcError> {
     let op = required(op, "op")?;
-    Ok(Op::Open { agent: agent_id(&op.agent_id, "agent_id")? })
+    Ok(Op::Open {
+        agent: agent_id(&op.agent_id, "agent_id")?,
+    })
 }
 
 fn close_op(op: Option<pb::CloseAccountOp>) -> Result<Op, RpcError> {
     let op = required(op, "op")?;
-    Ok(Op::Close { agent: agent_id(&op.agent_id, "agent_id")?, memo: op.memo })
+    Ok(Op::Close {
+        agent: agent_id(&op.agent_id, "agent_id")?,
+        memo: op.memo,
+    })
 }
 
 fn transfer_op(op: Option<pb::TransferOp>) -> Result<Op, RpcError> {
@@ -144,9 +160,11 @@ fn mint_op(op: Option<pb::MintOp>) -> Result<Op, RpcError> {
         Ok(pb::MintReason::Reward) => MintReason::Reward,
         Ok(pb::MintReason::GenesisGrant) => MintReason::GenesisGrant,
         _ => {
-            return Err(RpcError::invalid_argument("reason: a mint needs a reason (reward or genesis grant)")
-                .with_reason("missing_field")
-                .with_detail("field", "reason"));
+            return Err(RpcError::invalid_argument(
+                "reason: a mint needs a reason (reward or genesis grant)",
+            )
+            .with_reason("missing_field")
+            .with_detail("field", "reason"));
         }
     };
     Ok(Op::Mint {
@@ -169,12 +187,17 @@ fn hold_op(op: Option<pb::HoldOp>) -> Result<Op, RpcError> {
 
 fn post_op(op: Option<pb::PostHoldOp>) -> Result<Op, RpcError> {
     let op = required(op, "op")?;
-    Ok(Op::Post { hold: hold_id(op.hold_id)?, amount: op.amount_micros.map(Credits::from_micros) })
+    Ok(Op::Post {
+        hold: hold_id(op.hold_id)?,
+        amount: op.amount_micros.map(Credits::from_micros),
+    })
 }
 
 fn void_op(op: Option<pb::VoidHoldOp>) -> Result<Op, RpcError> {
     let op = required(op, "op")?;
-    Ok(Op::Void { hold: hold_id(op.hold_id)? })
+    Ok(Op::Void {
+        hold: hold_id(op.hold_id)?,
+    })
 }
 
 fn ledger_op(op: pb::LedgerOp) -> Result<Op, RpcError> {
@@ -191,7 +214,10 @@ fn ledger_op(op: pb::LedgerOp) -> Result<Op, RpcError> {
 }
 
 fn single(mut response: pb::BatchResponse) -> Result<pb::OpResult, RpcError> {
-    response.results.pop().ok_or_else(|| RpcError::internal("an operation produced no result"))
+    response
+        .results
+        .pop()
+        .ok_or_else(|| RpcError::internal("an operation produced no result"))
 }
 
 impl Economy {
@@ -208,9 +234,16 @@ impl Economy {
         ops: Vec<Op>,
     ) -> Result<pb::BatchResponse, RpcError> {
         for (index, op) in ops.iter().enumerate() {
-            op.check_shape().map_err(|error| op_error(&OpError { index, error }, ops.len()))?;
+            op.check_shape()
+                .map_err(|error| op_error(&OpError { index, error }, ops.len()))?;
         }
-        let mutation = Mutation { scope, key, request_hash, ops, correlation_id: ctx.correlation_id.clone() };
+        let mutation = Mutation {
+            scope,
+            key,
+            request_hash,
+            ops,
+            correlation_id: ctx.correlation_id.clone(),
+        };
         self.store.mutate(&mutation).await
     }
 
@@ -220,55 +253,119 @@ impl Economy {
         idempotency: (IdempotencyId, Vec<u8>),
         op: Op,
     ) -> Result<pb::OpResult, RpcError> {
-        single(self.apply(ctx, INTERNAL_SCOPE.into(), idempotency, vec![op]).await?)
+        single(
+            self.apply(ctx, INTERNAL_SCOPE.into(), idempotency, vec![op])
+                .await?,
+        )
     }
 
-    async fn open_account(&self, ctx: RequestContext, request: pb::OpenAccountRequest) -> Result<pb::OpenAccountResponse, RpcError> {
+    async fn open_account(
+        &self,
+        ctx: RequestContext,
+        request: pb::OpenAccountRequest,
+    ) -> Result<pb::OpenAccountResponse, RpcError> {
         let idempotency = idempotent!("economy.open_account", request);
-        let result = self.apply_one(&ctx, idempotency, open_op(request.op)?).await?;
-        Ok(pb::OpenAccountResponse { account: result.account })
+        let result = self
+            .apply_one(&ctx, idempotency, open_op(request.op)?)
+            .await?;
+        Ok(pb::OpenAccountResponse {
+            account: result.account,
+        })
     }
 
-    async fn close_account(&self, ctx: RequestContext, request: pb::CloseAccountRequest) -> Result<pb::CloseAccountResponse, RpcError> {
+    async fn close_account(
+        &self,
+        ctx: RequestContext,
+        request: pb::CloseAccountRequest,
+    ) -> Result<pb::CloseAccountResponse, RpcError> {
         let idempotency = idempotent!("economy.close_account", request);
-        let result = self.apply_one(&ctx, idempotency, close_op(request.op)?).await?;
-        Ok(pb::CloseAccountResponse { account: result.account, burn: result.transfer })
+        let result = self
+            .apply_one(&ctx, idempotency, close_op(request.op)?)
+            .await?;
+        Ok(pb::CloseAccountResponse {
+            account: result.account,
+            burn: result.transfer,
+        })
     }
 
-    async fn transfer(&self, ctx: RequestContext, request: pb::TransferRequest) -> Result<pb::TransferResponse, RpcError> {
+    async fn transfer(
+        &self,
+        ctx: RequestContext,
+        request: pb::TransferRequest,
+    ) -> Result<pb::TransferResponse, RpcError> {
         let idempotency = idempotent!("economy.transfer", request);
-        let result = self.apply_one(&ctx, idempotency, transfer_op(request.op)?).await?;
-        Ok(pb::TransferResponse { transfer: result.transfer })
+        let result = self
+            .apply_one(&ctx, idempotency, transfer_op(request.op)?)
+            .await?;
+        Ok(pb::TransferResponse {
+            transfer: result.transfer,
+        })
     }
 
-    async fn mint(&self, ctx: RequestContext, request: pb::MintRequest) -> Result<pb::MintResponse, RpcError> {
+    async fn mint(
+        &self,
+        ctx: RequestContext,
+        request: pb::MintRequest,
+    ) -> Result<pb::MintResponse, RpcError> {
         let idempotency = idempotent!("economy.mint", request);
-        let result = self.apply_one(&ctx, idempotency, mint_op(request.op)?).await?;
-        Ok(pb::MintResponse { transfer: result.transfer })
+        let result = self
+            .apply_one(&ctx, idempotency, mint_op(request.op)?)
+            .await?;
+        Ok(pb::MintResponse {
+            transfer: result.transfer,
+        })
     }
 
-    async fn hold(&self, ctx: RequestContext, request: pb::HoldRequest) -> Result<pb::HoldResponse, RpcError> {
+    async fn hold(
+        &self,
+        ctx: RequestContext,
+        request: pb::HoldRequest,
+    ) -> Result<pb::HoldResponse, RpcError> {
         let idempotency = idempotent!("economy.hold", request);
-        let result = self.apply_one(&ctx, idempotency, hold_op(request.op)?).await?;
+        let result = self
+            .apply_one(&ctx, idempotency, hold_op(request.op)?)
+            .await?;
         Ok(pb::HoldResponse { hold: result.hold })
     }
 
-    async fn post_hold(&self, ctx: RequestContext, request: pb::PostHoldRequest) -> Result<pb::PostHoldResponse, RpcError> {
+    async fn post_hold(
+        &self,
+        ctx: RequestContext,
+        request: pb::PostHoldRequest,
+    ) -> Result<pb::PostHoldResponse, RpcError> {
         let idempotency = idempotent!("economy.post_hold", request);
-        let result = self.apply_one(&ctx, idempotency, post_op(request.op)?).await?;
-        Ok(pb::PostHoldResponse { hold: result.hold, transfer: result.transfer })
+        let result = self
+            .apply_one(&ctx, idempotency, post_op(request.op)?)
+            .await?;
+        Ok(pb::PostHoldResponse {
+            hold: result.hold,
+            transfer: result.transfer,
+        })
     }
 
-    async fn void_hold(&self, ctx: RequestContext, request: pb::VoidHoldRequest) -> Result<pb::VoidHoldResponse, RpcError> {
+    async fn void_hold(
+        &self,
+        ctx: RequestContext,
+        request: pb::VoidHoldRequest,
+    ) -> Result<pb::VoidHoldResponse, RpcError> {
         let idempotency = idempotent!("economy.void_hold", request);
-        let result = self.apply_one(&ctx, idempotency, void_op(request.op)?).await?;
+        let result = self
+            .apply_one(&ctx, idempotency, void_op(request.op)?)
+            .await?;
         Ok(pb::VoidHoldResponse { hold: result.hold })
     }
 
-    async fn batch(&self, ctx: RequestContext, request: pb::BatchRequest) -> Result<pb::BatchResponse, RpcError> {
+    async fn batch(
+        &self,
+        ctx: RequestContext,
+        request: pb::BatchRequest,
+    ) -> Result<pb::BatchResponse, RpcError> {
         let idempotency = idempotent!("economy.batch", request);
         if request.ops.is_empty() {
-            return Err(RpcError::invalid_argument("a batch needs at least one operation").with_reason("empty_batch"));
+            return Err(
+                RpcError::invalid_argument("a batch needs at least one operation")
+                    .with_reason("empty_batch"),
+            );
         }
         if request.ops.len() > self.config.max_batch_ops {
             return Err(RpcError::invalid_argument(format!(
@@ -284,37 +381,66 @@ impl Economy {
             .enumerate()
             .map(|(index, op)| {
                 ledger_op(op).map_err(|e| {
-                    RpcError { message: format!("operation {index}: {}", e.message), ..e }.with_detail("op_index", index)
+                    RpcError {
+                        message: format!("operation {index}: {}", e.message),
+                        ..e
+                    }
+                    .with_detail("op_index", index)
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.apply(&ctx, INTERNAL_SCOPE.into(), idempotency, ops).await
+        self.apply(&ctx, INTERNAL_SCOPE.into(), idempotency, ops)
+            .await
     }
 
-    async fn balance(&self, _ctx: RequestContext, request: pb::BalanceRequest) -> Result<pb::BalanceResponse, RpcError> {
+    async fn balance(
+        &self,
+        _ctx: RequestContext,
+        request: pb::BalanceRequest,
+    ) -> Result<pb::BalanceResponse, RpcError> {
         let account = account_ref(request.account, "account")?;
-        Ok(pb::BalanceResponse { account: Some(self.store.balance(account).await?) })
+        Ok(pb::BalanceResponse {
+            account: Some(self.store.balance(account).await?),
+        })
     }
 
     fn page(&self, before_id: i64, limit: u32) -> Result<(Option<i64>, u32), RpcError> {
         if before_id < 0 {
-            return Err(RpcError::invalid_argument("before_id must be >= 0").with_reason("invalid_field").with_detail("field", "before_id"));
+            return Err(RpcError::invalid_argument("before_id must be >= 0")
+                .with_reason("invalid_field")
+                .with_detail("field", "before_id"));
         }
-        let limit = if limit == 0 { self.config.history_default_limit } else { limit.min(self.config.history_max_limit) };
+        let limit = if limit == 0 {
+            self.config.history_default_limit
+        } else {
+            limit.min(self.config.history_max_limit)
+        };
         Ok(((before_id > 0).then_some(before_id), limit))
     }
 
-    async fn history(&self, _ctx: RequestContext, request: pb::HistoryRequest) -> Result<pb::HistoryResponse, RpcError> {
+    async fn history(
+        &self,
+        _ctx: RequestContext,
+        request: pb::HistoryRequest,
+    ) -> Result<pb::HistoryResponse, RpcError> {
         let account = account_ref(request.account, "account")?;
         let (before, limit) = self.page(request.before_id, request.limit)?;
         self.store.history(account, before, limit).await
     }
 
-    async fn audit(&self, _ctx: RequestContext, _request: pb::AuditRequest) -> Result<pb::AuditResponse, RpcError> {
+    async fn audit(
+        &self,
+        _ctx: RequestContext,
+        _request: pb::AuditRequest,
+    ) -> Result<pb::AuditResponse, RpcError> {
         self.store.audit().await
     }
 
-    async fn agent_balance(&self, ctx: RequestContext, _request: pb::AgentBalanceRequest) -> Result<pb::AgentBalanceResponse, RpcError> {
+    async fn agent_balance(
+        &self,
+        ctx: RequestContext,
+        _request: pb::AgentBalanceRequest,
+    ) -> Result<pb::AgentBalanceResponse, RpcError> {
         let account = self.store.balance(AccountRef::Agent(ctx.caller()?)).await?;
         Ok(pb::AgentBalanceResponse {
             balance_micros: account.balance_micros,
@@ -323,12 +449,22 @@ impl Economy {
         })
     }
 
-    async fn agent_history(&self, ctx: RequestContext, request: pb::AgentHistoryRequest) -> Result<pb::HistoryResponse, RpcError> {
+    async fn agent_history(
+        &self,
+        ctx: RequestContext,
+        request: pb::AgentHistoryRequest,
+    ) -> Result<pb::HistoryResponse, RpcError> {
         let (before, limit) = self.page(request.before_id, request.limit)?;
-        self.store.history(AccountRef::Agent(ctx.caller()?), before, limit).await
+        self.store
+            .history(AccountRef::Agent(ctx.caller()?), before, limit)
+            .await
     }
 
-    async fn agent_transfer(&self, ctx: RequestContext, request: pb::AgentTransferRequest) -> Result<pb::AgentTransferResponse, RpcError> {
+    async fn agent_transfer(
+        &self,
+        ctx: RequestContext,
+        request: pb::AgentTransferRequest,
+    ) -> Result<pb::AgentTransferResponse, RpcError> {
         let caller = ctx.caller()?;
         let idempotency = idempotent!("agent.economy.transfer", request);
         let op = Op::Transfer {
@@ -339,8 +475,14 @@ impl Economy {
         };
         // Each agent has its own idempotency namespace: it can neither collide with nor replay
         // another agent's (or a service's) ids.
-        let result = single(self.apply(&ctx, format!("agent:{caller}"), idempotency, vec![op]).await?)?;
+        let result = single(
+            self.apply(&ctx, format!("agent:{caller}"), idempotency, vec![op])
+                .await?,
+        )?;
         let account = self.store.balance(AccountRef::Agent(caller)).await?;
-        Ok(pb::AgentTransferResponse { transfer: result.transfer, available_micros: account.available_micros })
+        Ok(pb::AgentTransferResponse {
+            transfer: result.transfer,
+            available_micros: account.available_micros,
+        })
     }
 }

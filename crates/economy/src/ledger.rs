@@ -62,13 +62,38 @@ pub enum HoldStatus {
 /// size) by [`Op::check_shape`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Open { agent: AgentId },
-    Close { agent: AgentId, memo: String },
-    Transfer { from: AgentId, to: Payee, amount: Credits, memo: String },
-    Mint { to: AgentId, amount: Credits, reason: MintReason, memo: String },
-    Hold { from: AgentId, to: Payee, amount: Credits, memo: String },
-    Post { hold: HoldId, amount: Option<Credits> },
-    Void { hold: HoldId },
+    Open {
+        agent: AgentId,
+    },
+    Close {
+        agent: AgentId,
+        memo: String,
+    },
+    Transfer {
+        from: AgentId,
+        to: Payee,
+        amount: Credits,
+        memo: String,
+    },
+    Mint {
+        to: AgentId,
+        amount: Credits,
+        reason: MintReason,
+        memo: String,
+    },
+    Hold {
+        from: AgentId,
+        to: Payee,
+        amount: Credits,
+        memo: String,
+    },
+    Post {
+        hold: HoldId,
+        amount: Option<Credits>,
+    },
+    Void {
+        hold: HoldId,
+    },
 }
 
 impl Op {
@@ -77,9 +102,18 @@ impl Op {
         let (memo, amounts, self_pay) = match self {
             Op::Open { .. } | Op::Void { .. } => (None, vec![], false),
             Op::Close { memo, .. } => (Some(memo), vec![], false),
-            Op::Transfer { from, to, amount, memo } | Op::Hold { from, to, amount, memo } => {
-                (Some(memo), vec![*amount], *to == Payee::Agent(*from))
+            Op::Transfer {
+                from,
+                to,
+                amount,
+                memo,
             }
+            | Op::Hold {
+                from,
+                to,
+                amount,
+                memo,
+            } => (Some(memo), vec![*amount], *to == Payee::Agent(*from)),
             Op::Mint { amount, memo, .. } => (Some(memo), vec![*amount], false),
             Op::Post { amount, .. } => (None, amount.iter().copied().collect(), false),
         };
@@ -89,10 +123,10 @@ impl Op {
         if self_pay {
             return Err(LedgerError::SelfTransfer);
         }
-        if let Some(memo) = memo {
-            if memo.len() > MAX_MEMO_BYTES {
-                return Err(LedgerError::MemoTooLong(memo.len()));
-            }
+        if let Some(memo) = memo
+            && memo.len() > MAX_MEMO_BYTES
+        {
+            return Err(LedgerError::MemoTooLong(memo.len()));
         }
         Ok(())
     }
@@ -123,8 +157,14 @@ impl Op {
             AccountRef::Burn => matches!(
                 self,
                 Op::Close { .. }
-                    | Op::Transfer { to: Payee::Burn, .. }
-                    | Op::Hold { to: Payee::Burn, .. }
+                    | Op::Transfer {
+                        to: Payee::Burn,
+                        ..
+                    }
+                    | Op::Hold {
+                        to: Payee::Burn,
+                        ..
+                    }
             ),
             AccountRef::Agent(agent) => self.agents().contains(&agent),
         }
@@ -147,7 +187,11 @@ pub enum LedgerError {
     #[error("agent {0} already has an account")]
     AccountExists(AgentId),
     #[error("agent {agent} has {} available, needs {}", available, needed)]
-    InsufficientFunds { agent: AgentId, available: Credits, needed: Credits },
+    InsufficientFunds {
+        agent: AgentId,
+        available: Credits,
+        needed: Credits,
+    },
     #[error("the balance of {0:?} would overflow")]
     Overflow(AccountRef),
     #[error("no hold {0}")]
@@ -155,8 +199,15 @@ pub enum LedgerError {
     #[error("hold {hold} is already {status:?}")]
     HoldNotPending { hold: HoldId, status: HoldStatus },
     #[error("cannot post {} of hold {hold}, which holds only {}", amount, held)]
-    PostExceedsHold { hold: HoldId, amount: Credits, held: Credits },
-    #[error("agent {agent} still has {} in pending holds; post or void them first", pending)]
+    PostExceedsHold {
+        hold: HoldId,
+        amount: Credits,
+        held: Credits,
+    },
+    #[error(
+        "agent {agent} still has {} in pending holds; post or void them first",
+        pending
+    )]
     PendingHolds { agent: AgentId, pending: Credits },
 }
 
@@ -265,7 +316,8 @@ impl Ledger {
         let mut next = self.clone();
         let mut plan = Plan::default();
         for (index, op) in ops.iter().enumerate() {
-            next.apply_one(op, &mut plan).map_err(|error| OpError { index, error })?;
+            next.apply_one(op, &mut plan)
+                .map_err(|error| OpError { index, error })?;
         }
         *self = next;
         Ok(plan)
@@ -289,7 +341,10 @@ impl Ledger {
     /// Checks that `to` can receive `amount` (open, no overflow) without changing anything.
     fn check_credit(&mut self, to: AccountRef, amount: Credits) -> Result<(), LedgerError> {
         let fits = match to {
-            AccountRef::Agent(agent) => self.open_account(agent)?.balance.checked_add(amount.micros()),
+            AccountRef::Agent(agent) => self
+                .open_account(agent)?
+                .balance
+                .checked_add(amount.micros()),
             AccountRef::Burn => self.burn_balance.checked_add(amount.micros()),
             AccountRef::Mint => None,
         };
@@ -368,9 +423,17 @@ impl Ledger {
                 };
                 self.open_account(*agent)?.open = false;
                 plan.closed.push(*agent);
-                plan.outcomes.push(Outcome::Closed { agent: *agent, burn });
+                plan.outcomes.push(Outcome::Closed {
+                    agent: *agent,
+                    burn,
+                });
             }
-            Op::Transfer { from, to, amount, memo } => {
+            Op::Transfer {
+                from,
+                to,
+                amount,
+                memo,
+            } => {
                 self.debit_available(*from, *amount)?;
                 self.check_credit((*to).into(), *amount)?;
                 let index = self.transfer(
@@ -387,7 +450,12 @@ impl Ledger {
                 );
                 plan.outcomes.push(Outcome::Transferred(index));
             }
-            Op::Mint { to, amount, reason, memo } => {
+            Op::Mint {
+                to,
+                amount,
+                reason,
+                memo,
+            } => {
                 self.check_credit(AccountRef::Agent(*to), *amount)?;
                 if self.mint_balance.checked_sub(amount.micros()).is_none() {
                     return Err(LedgerError::Overflow(AccountRef::Mint));
@@ -406,12 +474,23 @@ impl Ledger {
                 );
                 plan.outcomes.push(Outcome::Minted(index));
             }
-            Op::Hold { from, to, amount, memo } => {
+            Op::Hold {
+                from,
+                to,
+                amount,
+                memo,
+            } => {
                 self.debit_available(*from, *amount)?;
                 self.check_credit((*to).into(), *amount)?;
                 self.open_account(*from)?.pending += amount.micros();
-                plan.holds.push(NewHold { from: *from, to: *to, amount: *amount, memo: memo.clone() });
-                plan.outcomes.push(Outcome::HoldPlaced(plan.holds.len() - 1));
+                plan.holds.push(NewHold {
+                    from: *from,
+                    to: *to,
+                    amount: *amount,
+                    memo: memo.clone(),
+                });
+                plan.outcomes
+                    .push(Outcome::HoldPlaced(plan.holds.len() - 1));
             }
             Op::Post { hold, amount } => {
                 let state = self.pending_hold(*hold)?;
@@ -457,16 +536,24 @@ impl Ledger {
                     status: HoldStatus::Voided,
                     posted: None,
                 });
-                plan.outcomes.push(Outcome::HoldVoided { resolution: plan.resolutions.len() - 1 });
+                plan.outcomes.push(Outcome::HoldVoided {
+                    resolution: plan.resolutions.len() - 1,
+                });
             }
         }
         Ok(())
     }
 
     fn pending_hold(&self, hold: HoldId) -> Result<HoldState, LedgerError> {
-        let state = self.holds.get(&hold).ok_or(LedgerError::HoldNotFound(hold))?;
+        let state = self
+            .holds
+            .get(&hold)
+            .ok_or(LedgerError::HoldNotFound(hold))?;
         if state.status != HoldStatus::Pending {
-            return Err(LedgerError::HoldNotPending { hold, status: state.status });
+            return Err(LedgerError::HoldNotPending {
+                hold,
+                status: state.status,
+            });
         }
         Ok(state.clone())
     }
@@ -504,20 +591,31 @@ mod tests {
         fn new() -> Self {
             let mut agents: Vec<AgentId> = (0..AGENTS).map(|_| AgentId::random()).collect();
             agents.sort();
-            Model { ledger: Ledger::default(), agents, next_id: 1000 }
+            Model {
+                ledger: Ledger::default(),
+                agents,
+                next_id: 1000,
+            }
         }
 
         fn run(&mut self, ops: &[Op]) -> Result<Plan, OpError> {
             let before = self.clone();
             for op in ops {
-                if let Op::Open { agent } = op {
-                    if !self.ledger.accounts.contains_key(agent) {
-                        self.next_id += 1;
-                        self.ledger.accounts.insert(
-                            *agent,
-                            AccountState { id: self.next_id, agent: *agent, open: true, balance: 0, pending: 0, visible: false },
-                        );
-                    }
+                if let Op::Open { agent } = op
+                    && !self.ledger.accounts.contains_key(agent)
+                {
+                    self.next_id += 1;
+                    self.ledger.accounts.insert(
+                        *agent,
+                        AccountState {
+                            id: self.next_id,
+                            agent: *agent,
+                            open: true,
+                            balance: 0,
+                            pending: 0,
+                            visible: false,
+                        },
+                    );
                 }
             }
             match self.ledger.apply(ops) {
@@ -527,7 +625,13 @@ mod tests {
                         let id = HoldId::parse(self.next_id).unwrap();
                         self.ledger.holds.insert(
                             id,
-                            HoldState { id, from: hold.from, to: hold.to, amount: hold.amount, status: HoldStatus::Pending },
+                            HoldState {
+                                id,
+                                from: hold.from,
+                                to: hold.to,
+                                amount: hold.amount,
+                                status: HoldStatus::Pending,
+                            },
                         );
                     }
                     Ok(plan)
@@ -541,11 +645,23 @@ mod tests {
 
         fn check_invariants(&self) {
             let l = &self.ledger;
-            let agents: i128 = l.accounts.values().filter(|a| a.visible).map(|a| i128::from(a.balance)).sum();
-            assert_eq!(agents + i128::from(l.mint_balance) + i128::from(l.burn_balance), 0, "credits are conserved");
+            let agents: i128 = l
+                .accounts
+                .values()
+                .filter(|a| a.visible)
+                .map(|a| i128::from(a.balance))
+                .sum();
+            assert_eq!(
+                agents + i128::from(l.mint_balance) + i128::from(l.burn_balance),
+                0,
+                "credits are conserved"
+            );
             assert!(l.mint_balance <= 0 && l.burn_balance >= 0);
             for account in l.accounts.values() {
-                assert!(account.available() >= 0, "available never negative: {account:?}");
+                assert!(
+                    account.available() >= 0,
+                    "available never negative: {account:?}"
+                );
                 let held: i64 = l
                     .holds
                     .values()
@@ -554,7 +670,11 @@ mod tests {
                     .sum();
                 assert_eq!(account.pending, held, "pending is the sum of pending holds");
                 if !account.open {
-                    assert_eq!((account.balance, account.pending), (0, 0), "closed accounts are empty");
+                    assert_eq!(
+                        (account.balance, account.pending),
+                        (0, 0),
+                        "closed accounts are empty"
+                    );
                 }
                 assert!(account.visible, "no reserved row survives a request");
             }
@@ -601,14 +721,40 @@ mod tests {
         // Hold references pick among existing holds, or a missing id.
         let mut holds: Vec<HoldId> = model.ledger.holds.keys().copied().collect();
         holds.sort();
-        let hold = |i: usize| holds.get(i).copied().unwrap_or(HoldId::parse(999_999).unwrap());
+        let hold = |i: usize| {
+            holds
+                .get(i)
+                .copied()
+                .unwrap_or(HoldId::parse(999_999).unwrap())
+        };
         match spec {
             OpSpec::Open(a) => Op::Open { agent: agent(*a) },
-            OpSpec::Close(a) => Op::Close { agent: agent(*a), memo: String::new() },
-            OpSpec::Transfer(a, b, c) => Op::Transfer { from: agent(*a), to: payee(*b), amount: *c, memo: String::new() },
-            OpSpec::Mint(a, c) => Op::Mint { to: agent(*a), amount: *c, reason: MintReason::Reward, memo: String::new() },
-            OpSpec::Hold(a, b, c) => Op::Hold { from: agent(*a), to: payee(*b), amount: *c, memo: String::new() },
-            OpSpec::Post(h, c) => Op::Post { hold: hold(*h), amount: *c },
+            OpSpec::Close(a) => Op::Close {
+                agent: agent(*a),
+                memo: String::new(),
+            },
+            OpSpec::Transfer(a, b, c) => Op::Transfer {
+                from: agent(*a),
+                to: payee(*b),
+                amount: *c,
+                memo: String::new(),
+            },
+            OpSpec::Mint(a, c) => Op::Mint {
+                to: agent(*a),
+                amount: *c,
+                reason: MintReason::Reward,
+                memo: String::new(),
+            },
+            OpSpec::Hold(a, b, c) => Op::Hold {
+                from: agent(*a),
+                to: payee(*b),
+                amount: *c,
+                memo: String::new(),
+            },
+            OpSpec::Post(h, c) => Op::Post {
+                hold: hold(*h),
+                amount: *c,
+            },
             OpSpec::Void(h) => Op::Void { hold: hold(*h) },
         }
     }
@@ -679,27 +825,81 @@ mod tests {
     #[test]
     fn shape_errors_come_before_state() {
         let agent = AgentId::random();
-        let op = Op::Transfer { from: agent, to: Payee::Agent(agent), amount: Credits::from_micros(5), memo: String::new() };
+        let op = Op::Transfer {
+            from: agent,
+            to: Payee::Agent(agent),
+            amount: Credits::from_micros(5),
+            memo: String::new(),
+        };
         assert_eq!(op.check_shape(), Err(LedgerError::SelfTransfer));
-        let op = Op::Mint { to: agent, amount: Credits::from_micros(1), reason: MintReason::Reward, memo: "x".repeat(MAX_MEMO_BYTES + 1) };
-        assert_eq!(op.check_shape(), Err(LedgerError::MemoTooLong(MAX_MEMO_BYTES + 1)));
-        let op = Op::Post { hold: HoldId::parse(1).unwrap(), amount: Some(Credits::from_micros(0)) };
-        assert!(matches!(op.check_shape(), Err(LedgerError::NonPositiveAmount(_))));
+        let op = Op::Mint {
+            to: agent,
+            amount: Credits::from_micros(1),
+            reason: MintReason::Reward,
+            memo: "x".repeat(MAX_MEMO_BYTES + 1),
+        };
+        assert_eq!(
+            op.check_shape(),
+            Err(LedgerError::MemoTooLong(MAX_MEMO_BYTES + 1))
+        );
+        let op = Op::Post {
+            hold: HoldId::parse(1).unwrap(),
+            amount: Some(Credits::from_micros(0)),
+        };
+        assert!(matches!(
+            op.check_shape(),
+            Err(LedgerError::NonPositiveAmount(_))
+        ));
     }
 
     #[test]
     fn posting_part_of_a_hold_releases_the_rest() {
         let mut model = Model::new();
         let (a, b) = (model.agents[0], model.agents[1]);
-        model.run(&[Op::Open { agent: a }, Op::Open { agent: b }]).unwrap();
-        model.run(&[Op::Mint { to: a, amount: Credits::from_micros(100), reason: MintReason::GenesisGrant, memo: String::new() }]).unwrap();
-        model.run(&[Op::Hold { from: a, to: Payee::Agent(b), amount: Credits::from_micros(60), memo: String::new() }]).unwrap();
+        model
+            .run(&[Op::Open { agent: a }, Op::Open { agent: b }])
+            .unwrap();
+        model
+            .run(&[Op::Mint {
+                to: a,
+                amount: Credits::from_micros(100),
+                reason: MintReason::GenesisGrant,
+                memo: String::new(),
+            }])
+            .unwrap();
+        model
+            .run(&[Op::Hold {
+                from: a,
+                to: Payee::Agent(b),
+                amount: Credits::from_micros(60),
+                memo: String::new(),
+            }])
+            .unwrap();
         let hold = *model.ledger.holds.keys().next().unwrap();
         assert_eq!(model.ledger.accounts[&a].available(), 40);
-        let too_much = model.run(&[Op::Post { hold, amount: Some(Credits::from_micros(61)) }]).unwrap_err();
-        assert!(matches!(too_much.error, LedgerError::PostExceedsHold { .. }));
-        model.run(&[Op::Post { hold, amount: Some(Credits::from_micros(25)) }]).unwrap();
-        assert_eq!((model.ledger.accounts[&a].balance, model.ledger.accounts[&a].pending), (75, 0));
+        let too_much = model
+            .run(&[Op::Post {
+                hold,
+                amount: Some(Credits::from_micros(61)),
+            }])
+            .unwrap_err();
+        assert!(matches!(
+            too_much.error,
+            LedgerError::PostExceedsHold { .. }
+        ));
+        model
+            .run(&[Op::Post {
+                hold,
+                amount: Some(Credits::from_micros(25)),
+            }])
+            .unwrap();
+        assert_eq!(
+            (
+                model.ledger.accounts[&a].balance,
+                model.ledger.accounts[&a].pending
+            ),
+            (75, 0)
+        );
         assert_eq!(model.ledger.accounts[&b].balance, 25);
         model.check_invariants();
     }

@@ -26,8 +26,12 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/e
 /// `stop` fires.
 pub async fn start(config: &EconomyConfig, stop: CancellationToken) -> anyhow::Result<Service> {
     let mut service = Service::start(services::ECONOMY, &config.platform, MIGRATIONS, stop).await?;
-    let store = store::Store::new(service.pool.clone(), config.economy.system_shards, service.outbox.clone());
-    let economy = Arc::new(handlers::Economy::new(store, config.economy.clone()));
+    let store = store::Store::new(
+        service.pool.clone(),
+        config.service.system_shards,
+        service.outbox.clone(),
+    );
+    let economy = Arc::new(handlers::Economy::new(store, config.service.clone()));
     handlers::register(&mut service.rpc, economy).await?;
     Ok(service)
 }

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use syntropism_economy::{EconomyConfig, config::DEFAULTS};
+use syntropism_economy::EconomyConfig;
+use syntropism_economy::config::{DEFAULTS, SECTION};
 use syntropism_platform::telemetry::Telemetry;
 
 /// Syntropism's economy service: the double-entry credit ledger.
@@ -24,13 +25,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config: EconomyConfig = match syntropism_platform::config::load(DEFAULTS, args.config.as_deref()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("economy: {error}");
-            std::process::exit(2);
-        }
-    };
+    let config: EconomyConfig =
+        match syntropism_platform::config::load(SECTION, DEFAULTS, args.config.as_deref()) {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("economy: {error}");
+                std::process::exit(2);
+            }
+        };
     if args.check_config {
         println!("{config:#?}");
         return Ok(());

@@ -52,7 +52,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("shards", &self.shards).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
     }
 }
 
@@ -202,7 +204,11 @@ const TRANSFER_COLUMNS: &str = "t.id, t.debit_id, d.agent_id AS debit_agent, t.c
 
 impl Store {
     pub fn new(pool: Pool, shards: i16, outbox: Arc<Notify>) -> Self {
-        Self { pool, shards: shards.max(1), outbox }
+        Self {
+            pool,
+            shards: shards.max(1),
+            outbox,
+        }
     }
 
     async fn connection(&self) -> Result<syntropism_platform::db::PooledConnection, RpcError> {
@@ -290,8 +296,16 @@ impl Store {
         };
 
         // 3. Lock every account row involved, in (id, shard) order.
-        let mut agents: Vec<Uuid> = ops.iter().flat_map(Op::agents).map(|a| a.as_uuid()).collect();
-        agents.extend(hold_rows.iter().flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)));
+        let mut agents: Vec<Uuid> = ops
+            .iter()
+            .flat_map(Op::agents)
+            .map(|a| a.as_uuid())
+            .collect();
+        agents.extend(
+            hold_rows
+                .iter()
+                .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
+        );
         let agents = unique(agents.into_iter());
         let (mint_shard, burn_shard) = {
             let mut rng = rand::rng();
@@ -302,7 +316,11 @@ impl Store {
             } else {
                 -1
             };
-            let burn = if uses_burn { rng.random_range(0..self.shards) } else { -1 };
+            let burn = if uses_burn {
+                rng.random_range(0..self.shards)
+            } else {
+                -1
+            };
             (mint, burn)
         };
         let locked: Vec<AccountRow> = diesel::sql_query(
@@ -355,14 +373,20 @@ impl Store {
             }
         }
         for row in &hold_rows {
-            let status = hold_status.get(&row.id).map(String::as_str).unwrap_or(&row.status);
+            let status = hold_status
+                .get(&row.id)
+                .map(String::as_str)
+                .unwrap_or(&row.status);
             let id = HoldId::parse(row.id).map_err(|_| diesel::result::Error::NotFound)?;
             ledger.holds.insert(
                 id,
                 HoldState {
                     id,
                     from: AgentId::from_uuid(row.debit_agent),
-                    to: row.credit_agent.map(|a| Payee::Agent(AgentId::from_uuid(a))).unwrap_or(Payee::Burn),
+                    to: row
+                        .credit_agent
+                        .map(|a| Payee::Agent(AgentId::from_uuid(a)))
+                        .unwrap_or(Payee::Burn),
                     amount: Credits::from_micros(row.amount),
                     status: parse_hold_status(status),
                 },
@@ -394,8 +418,16 @@ impl Store {
         // intermediate state breaks a constraint that the final state satisfies.
         if !plan.resolutions.is_empty() {
             let ids: Vec<i64> = plan.resolutions.iter().map(|r| r.hold.get()).collect();
-            let statuses: Vec<&str> = plan.resolutions.iter().map(|r| hold_status_name(r.status)).collect();
-            let posted: Vec<Option<i64>> = plan.resolutions.iter().map(|r| r.posted.map(Credits::micros)).collect();
+            let statuses: Vec<&str> = plan
+                .resolutions
+                .iter()
+                .map(|r| hold_status_name(r.status))
+                .collect();
+            let posted: Vec<Option<i64>> = plan
+                .resolutions
+                .iter()
+                .map(|r| r.posted.map(Credits::micros))
+                .collect();
             diesel::sql_query(
                 "UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = $4 \
                  FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, status, posted) WHERE h.id = r.id",
@@ -409,8 +441,12 @@ impl Store {
         }
         if !plan.transfers.is_empty() {
             let n = plan.transfers.len();
-            let (mut debit_ids, mut debit_shards, mut credit_ids, mut credit_shards) =
-                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            let (mut debit_ids, mut debit_shards, mut credit_ids, mut credit_shards) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
             for transfer in &plan.transfers {
                 let (debit, debit_shard) = account_id(transfer.debit);
                 let (credit, credit_shard) = account_id(transfer.credit);
@@ -447,7 +483,10 @@ impl Store {
         if !plan.holds.is_empty() {
             let burn_shards: Vec<i16> = {
                 let mut rng = rand::rng();
-                plan.holds.iter().map(|_| rng.random_range(0..self.shards)).collect()
+                plan.holds
+                    .iter()
+                    .map(|_| rng.random_range(0..self.shards))
+                    .collect()
             };
             let (mut debit_ids, mut credit_ids, mut credit_shards) = (vec![], vec![], vec![]);
             for (hold, burn_shard) in plan.holds.iter().zip(burn_shards) {
@@ -488,7 +527,13 @@ impl Store {
         }
 
         // 8. The response, the events, and the idempotency record.
-        let view = ResponseView { plan: &plan, ledger: &ledger, rows: &rows_by_agent, holds: &hold_rows, allocation: &allocation };
+        let view = ResponseView {
+            plan: &plan,
+            ledger: &ledger,
+            rows: &rows_by_agent,
+            holds: &hold_rows,
+            allocation: &allocation,
+        };
         let response = view.response();
         let events = view.events(&mutation.correlation_id, mutation.key.as_str());
         outbox::enqueue(conn, &events).await?;
@@ -530,7 +575,7 @@ impl Store {
             .await,
         }
         .map_err(db_error)?;
-        let row = rows.iter().next().ok_or_else(|| {
+        let row = rows.as_slice().first().ok_or_else(|| {
             RpcError::not_found(format!("no account {account:?}")).with_reason("account_not_found")
         })?;
         Ok(account_from_row(account, row))
@@ -558,10 +603,11 @@ impl Store {
                     .load(&mut conn)
                     .await
                     .map_err(db_error)?;
-                ids.iter()
-                    .next()
+                ids.as_slice()
+                    .first()
                     .ok_or_else(|| {
-                        RpcError::not_found(format!("no account for agent {agent}")).with_reason("account_not_found")
+                        RpcError::not_found(format!("no account for agent {agent}"))
+                            .with_reason("account_not_found")
                     })?
                     .id
             }
@@ -577,9 +623,20 @@ impl Store {
         .await
         .map_err(db_error)?;
         let more = rows.len() > limit as usize;
-        let transfers: Vec<pb::Transfer> = rows.iter().take(limit as usize).map(transfer_from_row).collect();
-        let next_before_id = if more { transfers.last().map(|t| t.id).unwrap_or(0) } else { 0 };
-        Ok(pb::HistoryResponse { transfers, next_before_id })
+        let transfers: Vec<pb::Transfer> = rows
+            .iter()
+            .take(limit as usize)
+            .map(transfer_from_row)
+            .collect();
+        let next_before_id = if more {
+            transfers.last().map(|t| t.id).unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(pb::HistoryResponse {
+            transfers,
+            next_before_id,
+        })
     }
 
     /// Totals and a check of every invariant, from the rows themselves.
@@ -613,17 +670,31 @@ impl Store {
         .await
         .map_err(db_error)?;
         let big = |text: &str| text.parse::<i128>().unwrap_or(i128::MAX);
-        let fit = |value: i128| i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX });
+        let fit = |value: i128| {
+            i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
+        };
         let mut violations = Vec::new();
         let sum = big(&row.sum);
         if sum != 0 {
             violations.push(format!("the sum of all accounts is {sum} µcr, not 0"));
         }
         for (count, what) in [
-            (row.negative_available, "agent accounts have a negative available balance"),
-            (row.closed_not_empty, "closed accounts still hold credits or holds"),
-            (row.balance_mismatches, "account balances differ from the sum of their transfers"),
-            (row.pending_mismatches, "pending amounts differ from the sum of pending holds"),
+            (
+                row.negative_available,
+                "agent accounts have a negative available balance",
+            ),
+            (
+                row.closed_not_empty,
+                "closed accounts still hold credits or holds",
+            ),
+            (
+                row.balance_mismatches,
+                "account balances differ from the sum of their transfers",
+            ),
+            (
+                row.pending_mismatches,
+                "pending amounts differ from the sum of pending holds",
+            ),
         ] {
             if count > 0 {
                 violations.push(format!("{count} {what}"));
@@ -659,14 +730,19 @@ fn unique<T: std::hash::Hash + Eq + Copy>(items: impl Iterator<Item = T>) -> Vec
 fn is_transient(error: &diesel::result::Error) -> bool {
     match error {
         diesel::result::Error::DatabaseError(kind, info) => {
-            matches!(kind, diesel::result::DatabaseErrorKind::SerializationFailure)
-                || info.message().contains("deadlock detected")
+            matches!(
+                kind,
+                diesel::result::DatabaseErrorKind::SerializationFailure
+            ) || info.message().contains("deadlock detected")
         }
         _ => false,
     }
 }
 
-async fn lookup(conn: &mut AsyncPgConnection, mutation: &Mutation) -> Result<Option<StoredOutcome>, RpcError> {
+async fn lookup(
+    conn: &mut AsyncPgConnection,
+    mutation: &Mutation,
+) -> Result<Option<StoredOutcome>, RpcError> {
     let rows: Vec<StoredOutcome> = diesel::sql_query(
         "SELECT request_hash, is_error, outcome FROM idempotency WHERE scope = $1 AND key = $2",
     )
@@ -712,10 +788,10 @@ async fn record_error(
     .execute(conn)
     .await
     .map_err(db_error)?;
-    if recorded == 0 {
-        if let Some(stored) = lookup(conn, mutation).await? {
-            return replay(stored, mutation);
-        }
+    if recorded == 0
+        && let Some(stored) = lookup(conn, mutation).await?
+    {
+        return replay(stored, mutation);
     }
     Err(error.clone())
 }
@@ -723,7 +799,10 @@ async fn record_error(
 // ---- Conversions to the wire ----------------------------------------------------------------
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
 }
 
 pub(crate) fn account_ref_pb(account: AccountRef) -> pb::AccountRef {
@@ -755,7 +834,11 @@ fn account_pb(
 ) -> pb::Account {
     pb::Account {
         account: Some(account_ref_pb(account)),
-        status: if open { pb::AccountStatus::Open } else { pb::AccountStatus::Closed } as i32,
+        status: if open {
+            pb::AccountStatus::Open
+        } else {
+            pb::AccountStatus::Closed
+        } as i32,
         balance_micros: balance,
         pending_micros: pending,
         available_micros: balance - pending,
@@ -765,14 +848,27 @@ fn account_pb(
 }
 
 fn account_from_row(account: AccountRef, row: &AccountRow) -> pb::Account {
-    account_pb(account, row.status == "open", row.balance, row.pending, Some(row.opened_at), row.closed_at)
+    account_pb(
+        account,
+        row.status == "open",
+        row.balance,
+        row.pending,
+        Some(row.opened_at),
+        row.closed_at,
+    )
 }
 
 fn transfer_from_row(row: &TransferRow) -> pb::Transfer {
     pb::Transfer {
         id: row.id,
-        debit: Some(account_ref_pb(account_ref_of(row.debit_id, row.debit_agent))),
-        credit: Some(account_ref_pb(account_ref_of(row.credit_id, row.credit_agent))),
+        debit: Some(account_ref_pb(account_ref_of(
+            row.debit_id,
+            row.debit_agent,
+        ))),
+        credit: Some(account_ref_pb(account_ref_of(
+            row.credit_id,
+            row.credit_agent,
+        ))),
         amount_micros: row.amount,
         kind: match row.kind.as_str() {
             "transfer" => pb::TransferKind::Transfer,
@@ -847,8 +943,19 @@ impl ResponseView<'_> {
         let row = self.rows.get(&agent);
         let now = self.allocation.now;
         let opened_at = row.map(|r| r.opened_at).unwrap_or(now);
-        let closed_at = if state.open { None } else { Some(row.and_then(|r| r.closed_at).unwrap_or(now)) };
-        account_pb(AccountRef::Agent(agent), state.open, state.balance, state.pending, Some(opened_at), closed_at)
+        let closed_at = if state.open {
+            None
+        } else {
+            Some(row.and_then(|r| r.closed_at).unwrap_or(now))
+        };
+        account_pb(
+            AccountRef::Agent(agent),
+            state.open,
+            state.balance,
+            state.pending,
+            Some(opened_at),
+            closed_at,
+        )
     }
 
     fn transfer(&self, index: usize) -> pb::Transfer {
@@ -900,10 +1007,17 @@ impl ResponseView<'_> {
             credit: Some(account_ref_pb(state.to.into())),
             amount_micros: state.amount.micros(),
             status: hold_status_pb(r.status),
-            posted_micros: r.posted.map(Credits::micros).or(row.and_then(|h| h.posted_amount)).unwrap_or(0),
+            posted_micros: r
+                .posted
+                .map(Credits::micros)
+                .or(row.and_then(|h| h.posted_amount))
+                .unwrap_or(0),
             memo: row.map(|h| h.memo.clone()).unwrap_or_default(),
             created_at: row.map(|h| timestamp(h.created_at)),
-            resolved_at: Some(timestamp(row.and_then(|h| h.resolved_at).unwrap_or(self.allocation.now))),
+            resolved_at: Some(timestamp(
+                row.and_then(|h| h.resolved_at)
+                    .unwrap_or(self.allocation.now),
+            )),
         }
     }
 
@@ -913,24 +1027,35 @@ impl ResponseView<'_> {
             .outcomes
             .iter()
             .map(|outcome| match outcome {
-                Outcome::Opened(agent) => pb::OpResult { account: Some(self.account(*agent)), ..Default::default() },
+                Outcome::Opened(agent) => pb::OpResult {
+                    account: Some(self.account(*agent)),
+                    ..Default::default()
+                },
                 Outcome::Closed { agent, burn } => pb::OpResult {
                     account: Some(self.account(*agent)),
                     transfer: burn.map(|i| self.transfer(i)),
                     ..Default::default()
                 },
-                Outcome::Transferred(i) | Outcome::Minted(i) => {
-                    pb::OpResult { transfer: Some(self.transfer(*i)), ..Default::default() }
-                }
-                Outcome::HoldPlaced(i) => pb::OpResult { hold: Some(self.new_hold(*i)), ..Default::default() },
-                Outcome::HoldPosted { resolution, transfer } => pb::OpResult {
+                Outcome::Transferred(i) | Outcome::Minted(i) => pb::OpResult {
+                    transfer: Some(self.transfer(*i)),
+                    ..Default::default()
+                },
+                Outcome::HoldPlaced(i) => pb::OpResult {
+                    hold: Some(self.new_hold(*i)),
+                    ..Default::default()
+                },
+                Outcome::HoldPosted {
+                    resolution,
+                    transfer,
+                } => pb::OpResult {
                     hold: Some(self.resolved_hold(*resolution)),
                     transfer: Some(self.transfer(*transfer)),
                     ..Default::default()
                 },
-                Outcome::HoldVoided { resolution } => {
-                    pb::OpResult { hold: Some(self.resolved_hold(*resolution)), ..Default::default() }
-                }
+                Outcome::HoldVoided { resolution } => pb::OpResult {
+                    hold: Some(self.resolved_hold(*resolution)),
+                    ..Default::default()
+                },
             })
             .collect();
         pb::BatchResponse { results }
@@ -940,27 +1065,76 @@ impl ResponseView<'_> {
         let source = services::ECONOMY;
         let mut events = Vec::new();
         let mut push = |subject: &str, envelope: pb::EventEnvelope| {
-            events.push(PendingEvent { subject: subject.to_owned(), envelope });
+            events.push(PendingEvent {
+                subject: subject.to_owned(),
+                envelope,
+            });
         };
         if !self.plan.opened.is_empty() {
             let accounts = self.plan.opened.iter().map(|a| self.account(*a)).collect();
-            push(economy_events::ACCOUNTS_OPENED, envelope(source, &pb::AccountsOpened { accounts }, correlation_id, causation_id));
+            push(
+                economy_events::ACCOUNTS_OPENED,
+                envelope(
+                    source,
+                    &pb::AccountsOpened { accounts },
+                    correlation_id,
+                    causation_id,
+                ),
+            );
         }
         if !self.plan.transfers.is_empty() {
-            let transfers = (0..self.plan.transfers.len()).map(|i| self.transfer(i)).collect();
-            push(economy_events::TRANSFERS_POSTED, envelope(source, &pb::TransfersPosted { transfers }, correlation_id, causation_id));
+            let transfers = (0..self.plan.transfers.len())
+                .map(|i| self.transfer(i))
+                .collect();
+            push(
+                economy_events::TRANSFERS_POSTED,
+                envelope(
+                    source,
+                    &pb::TransfersPosted { transfers },
+                    correlation_id,
+                    causation_id,
+                ),
+            );
         }
         if !self.plan.holds.is_empty() {
-            let holds = (0..self.plan.holds.len()).map(|i| self.new_hold(i)).collect();
-            push(economy_events::HOLDS_PLACED, envelope(source, &pb::HoldsPlaced { holds }, correlation_id, causation_id));
+            let holds = (0..self.plan.holds.len())
+                .map(|i| self.new_hold(i))
+                .collect();
+            push(
+                economy_events::HOLDS_PLACED,
+                envelope(
+                    source,
+                    &pb::HoldsPlaced { holds },
+                    correlation_id,
+                    causation_id,
+                ),
+            );
         }
         if !self.plan.resolutions.is_empty() {
-            let holds = (0..self.plan.resolutions.len()).map(|i| self.resolved_hold(i)).collect();
-            push(economy_events::HOLDS_RESOLVED, envelope(source, &pb::HoldsResolved { holds }, correlation_id, causation_id));
+            let holds = (0..self.plan.resolutions.len())
+                .map(|i| self.resolved_hold(i))
+                .collect();
+            push(
+                economy_events::HOLDS_RESOLVED,
+                envelope(
+                    source,
+                    &pb::HoldsResolved { holds },
+                    correlation_id,
+                    causation_id,
+                ),
+            );
         }
         if !self.plan.closed.is_empty() {
             let accounts = self.plan.closed.iter().map(|a| self.account(*a)).collect();
-            push(economy_events::ACCOUNTS_CLOSED, envelope(source, &pb::AccountsClosed { accounts }, correlation_id, causation_id));
+            push(
+                economy_events::ACCOUNTS_CLOSED,
+                envelope(
+                    source,
+                    &pb::AccountsClosed { accounts },
+                    correlation_id,
+                    causation_id,
+                ),
+            );
         }
         events
     }

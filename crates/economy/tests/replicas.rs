@@ -26,7 +26,10 @@ const OPS_PER_CLIENT: usize = 60;
 fn spawn_replica(nats: &Nats, pg: &Postgres, index: usize) -> Child {
     Command::new(env!("CARGO_BIN_EXE_economy"))
         .env("SYNTROPISM__NATS__URL", nats.url())
-        .env("SYNTROPISM__DATABASE__URL", pg.url_for("economy", "economy"))
+        .env(
+            "SYNTROPISM__DATABASE__URL",
+            pg.url_for("economy", "economy"),
+        )
         .env("SYNTROPISM__DATABASE__ADMIN_URL", pg.admin_url())
         .env("SYNTROPISM__DATABASE__POOL_SIZE", "6")
         .env("SYNTROPISM__HTTP__ENABLED", "false")
@@ -60,10 +63,22 @@ enum Request {
 
 async fn send(client: &RpcClient, request: &Request) -> Result<Ack, RpcError> {
     match request {
-        Request::Transfer(r) => client.call::<internal::Transfer>(r).await.map(|r| Ack::Transfer(r.transfer.unwrap())),
-        Request::Hold(r) => client.call::<internal::Hold>(r).await.map(|r| Ack::Hold(r.hold.unwrap())),
-        Request::Post(r) => client.call::<internal::PostHold>(r).await.map(|r| Ack::Posted(r.transfer.unwrap())),
-        Request::Void(r) => client.call::<internal::VoidHold>(r).await.map(|_| Ack::Voided),
+        Request::Transfer(r) => client
+            .call::<internal::Transfer>(r)
+            .await
+            .map(|r| Ack::Transfer(r.transfer.unwrap())),
+        Request::Hold(r) => client
+            .call::<internal::Hold>(r)
+            .await
+            .map(|r| Ack::Hold(r.hold.unwrap())),
+        Request::Post(r) => client
+            .call::<internal::PostHold>(r)
+            .await
+            .map(|r| Ack::Posted(r.transfer.unwrap())),
+        Request::Void(r) => client
+            .call::<internal::VoidHold>(r)
+            .await
+            .map(|_| Ack::Voided),
     }
 }
 
@@ -94,7 +109,11 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
     let agents: Vec<AgentId> = (0..AGENTS).map(|_| AgentId::random()).collect();
     let mut ops = Vec::new();
     for agent in &agents {
-        ops.push(pb::LedgerOp { op: Some(pb::ledger_op::Op::OpenAccount(pb::OpenAccountOp { agent_id: agent.to_string() })) });
+        ops.push(pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::OpenAccount(pb::OpenAccountOp {
+                agent_id: agent.to_string(),
+            })),
+        });
         ops.push(pb::LedgerOp {
             op: Some(pb::ledger_op::Op::Mint(pb::MintOp {
                 agent_id: agent.to_string(),
@@ -104,7 +123,10 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
             })),
         });
     }
-    let setup = pb::BatchRequest { idempotency_id: "setup".into(), ops };
+    let setup = pb::BatchRequest {
+        idempotency_id: "setup".into(),
+        ops,
+    };
     let mut ready = false;
     for _ in 0..300 {
         match client.call::<internal::Batch>(&setup).await {
@@ -123,8 +145,14 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (client, agents, acks, retries, replays, done) =
-            (client.clone(), agents.clone(), acks.clone(), retries.clone(), replays.clone(), done.clone());
+        let (client, agents, acks, retries, replays, done) = (
+            client.clone(),
+            agents.clone(),
+            acks.clone(),
+            retries.clone(),
+            replays.clone(),
+            done.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut my_holds: Vec<i64> = Vec::new();
@@ -141,24 +169,48 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
                 let request = match rng.random_range(0..10) {
                     0..=3 => Request::Transfer(pb::TransferRequest {
                         idempotency_id: key.clone(),
-                        op: Some(pb::TransferOp { from: Some(agent_ref(from)), to: Some(to), amount_micros: amount, memo: key.clone() }),
+                        op: Some(pb::TransferOp {
+                            from: Some(agent_ref(from)),
+                            to: Some(to),
+                            amount_micros: amount,
+                            memo: key.clone(),
+                        }),
                     }),
                     4..=6 => Request::Hold(pb::HoldRequest {
                         idempotency_id: key.clone(),
-                        op: Some(pb::HoldOp { from: Some(agent_ref(from)), to: Some(to), amount_micros: amount, memo: key.clone() }),
+                        op: Some(pb::HoldOp {
+                            from: Some(agent_ref(from)),
+                            to: Some(to),
+                            amount_micros: amount,
+                            memo: key.clone(),
+                        }),
                     }),
                     7..=8 if !my_holds.is_empty() => {
                         let hold_id = my_holds.swap_remove(rng.random_range(0..my_holds.len()));
                         let part = rng.random_bool(0.5).then(|| rng.random_range(1..=CREDIT));
-                        Request::Post(pb::PostHoldRequest { idempotency_id: key.clone(), op: Some(pb::PostHoldOp { hold_id, amount_micros: part }) })
+                        Request::Post(pb::PostHoldRequest {
+                            idempotency_id: key.clone(),
+                            op: Some(pb::PostHoldOp {
+                                hold_id,
+                                amount_micros: part,
+                            }),
+                        })
                     }
                     _ if !my_holds.is_empty() => {
                         let hold_id = my_holds.swap_remove(rng.random_range(0..my_holds.len()));
-                        Request::Void(pb::VoidHoldRequest { idempotency_id: key.clone(), op: Some(pb::VoidHoldOp { hold_id }) })
+                        Request::Void(pb::VoidHoldRequest {
+                            idempotency_id: key.clone(),
+                            op: Some(pb::VoidHoldOp { hold_id }),
+                        })
                     }
                     _ => Request::Transfer(pb::TransferRequest {
                         idempotency_id: key.clone(),
-                        op: Some(pb::TransferOp { from: Some(agent_ref(from)), to: Some(to), amount_micros: amount, memo: key.clone() }),
+                        op: Some(pb::TransferOp {
+                            from: Some(agent_ref(from)),
+                            to: Some(to),
+                            amount_micros: amount,
+                            memo: key.clone(),
+                        }),
                     }),
                 };
                 let ack = send_until_answered(&client, &request, &retries).await;
@@ -168,7 +220,11 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
                 // Sometimes retry an acknowledged id on purpose: it must replay, not re-apply.
                 if rng.random_bool(0.15) {
                     let again = send_until_answered(&client, &request, &retries).await;
-                    assert_eq!(format!("{again:?}"), format!("{ack:?}"), "a retry of {key} changed its outcome");
+                    assert_eq!(
+                        format!("{again:?}"),
+                        format!("{ack:?}"),
+                        "a retry of {key} changed its outcome"
+                    );
                     replays.fetch_add(1, Ordering::Relaxed);
                 }
                 acks.lock().await.insert(key, (request, ack));
@@ -188,7 +244,10 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
     }
 
     // The books, through the service...
-    let audit = client.call::<internal::Audit>(&pb::AuditRequest {}).await.unwrap();
+    let audit = client
+        .call::<internal::Audit>(&pb::AuditRequest {})
+        .await
+        .unwrap();
     assert!(audit.ok, "{:?}", audit.violations);
     assert_eq!(audit.sum_micros, 0);
 
@@ -209,10 +268,17 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
             Ack::Hold(hold) => (0, 0, 1, hold.id),
             Ack::Voided | Ack::Refused(_) => (0, 0, 0, 0),
         };
-        assert_eq!((t, t_id, h, h_id), expected, "{key}: {request:?} acknowledged as {ack:?}");
+        assert_eq!(
+            (t, t_id, h, h_id),
+            expected,
+            "{key}: {request:?} acknowledged as {ack:?}"
+        );
         if let Ack::Refused(code) = ack {
             assert!(
-                matches!(code, ErrorCode::InsufficientFunds | ErrorCode::FailedPrecondition),
+                matches!(
+                    code,
+                    ErrorCode::InsufficientFunds | ErrorCode::FailedPrecondition
+                ),
                 "{key}: unexpected refusal {code:?}"
             );
             refused += 1;
@@ -220,10 +286,16 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
             applied += 1;
         }
     }
-    let stray = transfers.keys().chain(holds.keys()).filter(|k| k.as_str() != "internal/setup").filter(|k| {
-        !acks.contains_key(k.trim_start_matches("internal/"))
-    });
-    assert_eq!(stray.count(), 0, "rows exist only for acknowledged operations");
+    let stray = transfers
+        .keys()
+        .chain(holds.keys())
+        .filter(|k| k.as_str() != "internal/setup")
+        .filter(|k| !acks.contains_key(k.trim_start_matches("internal/")));
+    assert_eq!(
+        stray.count(),
+        0,
+        "rows exist only for acknowledged operations"
+    );
     eprintln!(
         "{} operations ({applied} applied, {refused} refused), {} retries, {} deliberate replays; replica killed after {killed_at}",
         acks.len(),
@@ -239,9 +311,15 @@ async fn replicas_survive_a_kill_and_every_acknowledged_operation_exists_exactly
             continue;
         }
         let pid = replica.id().expect("running").to_string();
-        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         assert!(status.success());
-        let exit = tokio::time::timeout(Duration::from_secs(20), replica.wait()).await.expect("exits on SIGTERM").unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(20), replica.wait())
+            .await
+            .expect("exits on SIGTERM")
+            .unwrap();
         assert!(exit.success(), "replica {i} exited with {exit}");
     }
 }
@@ -273,19 +351,36 @@ async fn read_books(pg: &Postgres) -> Books {
         n: i64,
     }
     let mut db = AsyncPgConnection::establish(&pg.admin_url()).await.unwrap();
-    let sum: Scalar = diesel::sql_query("SELECT sum(balance)::bigint AS n FROM economy.accounts").get_result(&mut db).await.unwrap();
-    let negative: Scalar =
-        diesel::sql_query("SELECT count(*) AS n FROM economy.accounts WHERE kind = 'agent' AND balance - pending < 0")
-            .get_result(&mut db)
-            .await
-            .unwrap();
-    let counts = |table: &str| format!("SELECT request_key AS key, count(*) AS n, min(id) AS first FROM economy.{table} GROUP BY 1");
-    let transfers = diesel::sql_query(counts("transfers")).load::<Count>(&mut db).await.unwrap();
-    let holds = diesel::sql_query(counts("holds")).load::<Count>(&mut db).await.unwrap();
+    let sum: Scalar = diesel::sql_query("SELECT sum(balance)::bigint AS n FROM economy.accounts")
+        .get_result(&mut db)
+        .await
+        .unwrap();
+    let negative: Scalar = diesel::sql_query(
+        "SELECT count(*) AS n FROM economy.accounts WHERE kind = 'agent' AND balance - pending < 0",
+    )
+    .get_result(&mut db)
+    .await
+    .unwrap();
+    let counts = |table: &str| {
+        format!(
+            "SELECT request_key AS key, count(*) AS n, min(id) AS first FROM economy.{table} GROUP BY 1"
+        )
+    };
+    let transfers = diesel::sql_query(counts("transfers"))
+        .load::<Count>(&mut db)
+        .await
+        .unwrap();
+    let holds = diesel::sql_query(counts("holds"))
+        .load::<Count>(&mut db)
+        .await
+        .unwrap();
     Books {
         sum: sum.n,
         negative: negative.n,
-        transfers: transfers.into_iter().map(|c| (c.key, (c.n, c.first))).collect(),
+        transfers: transfers
+            .into_iter()
+            .map(|c| (c.key, (c.n, c.first)))
+            .collect(),
         holds: holds.into_iter().map(|c| (c.key, (c.n, c.first))).collect(),
     }
 }

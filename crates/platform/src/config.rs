@@ -1,6 +1,7 @@
 //! Layered configuration: built-in defaults → optional TOML file → environment variables
 //! `SYNTROPISM__<SECTION>__<KEY>` (DESIGN.md §5), then validated once, with errors naming the key.
 
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,11 @@ impl Problems {
     }
 
     pub fn into_result(self) -> Result<(), ConfigError> {
-        if self.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(self.0)) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(self.0))
+        }
     }
 }
 
@@ -43,6 +48,7 @@ pub trait Validate {
 /// The settings every service shares.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
+#[derive(Default)]
 pub struct PlatformConfig {
     pub nats: NatsConfig,
     pub database: DatabaseConfig,
@@ -50,19 +56,6 @@ pub struct PlatformConfig {
     pub telemetry: TelemetryConfig,
     pub rpc: RpcConfig,
     pub outbox: OutboxConfig,
-}
-
-impl Default for PlatformConfig {
-    fn default() -> Self {
-        Self {
-            nats: NatsConfig::default(),
-            database: DatabaseConfig::default(),
-            http: HttpConfig::default(),
-            telemetry: TelemetryConfig::default(),
-            rpc: RpcConfig::default(),
-            outbox: OutboxConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,7 +97,12 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: String::new(), admin_url: None, pool_size: 16, connect_timeout_ms: 5_000 }
+        Self {
+            url: String::new(),
+            admin_url: None,
+            pool_size: 16,
+            connect_timeout_ms: 5_000,
+        }
     }
 }
 
@@ -118,7 +116,10 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 0)) }
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
     }
 }
 
@@ -142,7 +143,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_format: LogFormat::Pretty, log_filter: "info".into(), otlp_endpoint: None }
+        Self {
+            log_format: LogFormat::Pretty,
+            log_filter: "info".into(),
+            otlp_endpoint: None,
+        }
     }
 }
 
@@ -169,7 +174,10 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        Self { poll_interval_ms: 250, batch_size: 256 }
+        Self {
+            poll_interval_ms: 250,
+            batch_size: 256,
+        }
     }
 }
 
@@ -177,25 +185,70 @@ impl Validate for PlatformConfig {
     fn validate(&self, p: &mut Problems) {
         let nats = &self.nats;
         p.check(
-            nats.url.split(',').all(|u| u.starts_with("nats://") || u.starts_with("tls://")),
+            nats.url
+                .split(',')
+                .all(|u| u.starts_with("nats://") || u.starts_with("tls://")),
             "nats.url",
-            format!("{:?} must be nats://host:port (comma-separated for several)", nats.url),
+            format!(
+                "{:?} must be nats://host:port (comma-separated for several)",
+                nats.url
+            ),
         );
         if let Some(file) = &nats.credentials_file {
-            p.check(file.is_file(), "nats.credentials_file", format!("{} is not a file", file.display()));
+            p.check(
+                file.is_file(),
+                "nats.credentials_file",
+                format!("{} is not a file", file.display()),
+            );
         }
-        p.check(nats.connect_timeout_ms > 0, "nats.connect_timeout_ms", "must be > 0");
-        p.check(nats.request_timeout_ms > 0, "nats.request_timeout_ms", "must be > 0");
+        p.check(
+            nats.connect_timeout_ms > 0,
+            "nats.connect_timeout_ms",
+            "must be > 0",
+        );
+        p.check(
+            nats.request_timeout_ms > 0,
+            "nats.request_timeout_ms",
+            "must be > 0",
+        );
         let db = &self.database;
-        p.check(is_postgres_url(&db.url), "database.url", "must be postgres://role:password@host:port/database");
+        p.check(
+            is_postgres_url(&db.url),
+            "database.url",
+            "must be postgres://role:password@host:port/database",
+        );
         if let Some(admin) = &db.admin_url {
-            p.check(is_postgres_url(admin), "database.admin_url", "must be postgres://user:password@host:port/database");
+            p.check(
+                is_postgres_url(admin),
+                "database.admin_url",
+                "must be postgres://user:password@host:port/database",
+            );
         }
-        p.check((1..=1024).contains(&db.pool_size), "database.pool_size", "must be between 1 and 1024");
-        p.check(db.connect_timeout_ms > 0, "database.connect_timeout_ms", "must be > 0");
-        p.check(self.rpc.max_in_flight > 0, "rpc.max_in_flight", "must be > 0");
-        p.check(self.outbox.poll_interval_ms > 0, "outbox.poll_interval_ms", "must be > 0");
-        p.check((1..=10_000).contains(&self.outbox.batch_size), "outbox.batch_size", "must be between 1 and 10000");
+        p.check(
+            (1..=1024).contains(&db.pool_size),
+            "database.pool_size",
+            "must be between 1 and 1024",
+        );
+        p.check(
+            db.connect_timeout_ms > 0,
+            "database.connect_timeout_ms",
+            "must be > 0",
+        );
+        p.check(
+            self.rpc.max_in_flight > 0,
+            "rpc.max_in_flight",
+            "must be > 0",
+        );
+        p.check(
+            self.outbox.poll_interval_ms > 0,
+            "outbox.poll_interval_ms",
+            "must be > 0",
+        );
+        p.check(
+            (1..=10_000).contains(&self.outbox.batch_size),
+            "outbox.batch_size",
+            "must be between 1 and 10000",
+        );
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             p.check(
                 endpoint.starts_with("http://") || endpoint.starts_with("https://"),
@@ -217,23 +270,35 @@ fn is_postgres_url(value: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Loads `T` for `service`: `defaults` (key, value) first, then `file` if given, then the
-/// environment (`SYNTROPISM__DATABASE__URL=…`), then validates.
-pub fn load<T>(defaults: &[(&str, &str)], file: Option<&Path>) -> Result<T, ConfigError>
+/// A service's whole configuration: the shared sections and its own `[<service>]` section.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig<S> {
+    pub platform: PlatformConfig,
+    pub service: S,
+}
+
+/// Loads the shared sections and the `[section]` of one service: `defaults` (key, value) first,
+/// then `file` if given, then the environment (`SYNTROPISM__DATABASE__URL=…`), then validates.
+pub fn load<S>(
+    section: &str,
+    defaults: &[(&str, &str)],
+    file: Option<&Path>,
+) -> Result<ServiceConfig<S>, ConfigError>
 where
-    T: DeserializeOwned + Validate,
+    S: DeserializeOwned + Default + Validate,
 {
-    load_from(defaults, file, std::env::vars())
+    load_from(section, defaults, file, std::env::vars())
 }
 
 /// [`load`] with an explicit environment (tests must not mutate the process environment).
-pub fn load_from<T>(
+pub fn load_from<S>(
+    section: &str,
     defaults: &[(&str, &str)],
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigError>
+) -> Result<ServiceConfig<S>, ConfigError>
 where
-    T: DeserializeOwned + Validate,
+    S: DeserializeOwned + Default + Validate,
 {
     let mut builder = config::Config::builder();
     for (key, value) in defaults {
@@ -242,8 +307,10 @@ where
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file).required(true));
     }
-    let env: config::Map<String, String> =
-        env.into_iter().filter(|(k, _)| k.starts_with("SYNTROPISM__")).collect();
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("SYNTROPISM__"))
+        .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("SYNTROPISM")
             .prefix_separator("__")
@@ -251,41 +318,89 @@ where
             .try_parsing(true)
             .source(Some(env)),
     );
-    let value: T = builder.build()?.try_deserialize()?;
+    let layered = builder.build()?;
+    // Two plain deserialisations rather than one `#[serde(flatten)]`: flattening would lose the
+    // key path that type errors must name.
+    let platform: PlatformConfig = layered.clone().try_deserialize()?;
+    let service: S =
+        serde::de::DeserializeSeed::deserialize(Section::<S>(section, PhantomData), layered)?;
     let mut problems = Problems::default();
-    value.validate(&mut problems);
+    platform.validate(&mut problems);
+    service.validate(&mut problems);
     problems.into_result()?;
-    Ok(value)
+    Ok(ServiceConfig { platform, service })
+}
+
+/// Deserialises one top-level table through the `Config` deserializer itself, which (unlike
+/// `Config::get`) reports the full key path of a wrong value, e.g. `economy.system_shards`.
+struct Section<'a, S>(&'a str, PhantomData<S>);
+
+impl<'de, S: DeserializeOwned + Default> serde::de::DeserializeSeed<'de> for Section<'_, S> {
+    type Value = S;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<S, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, S: DeserializeOwned + Default> serde::de::Visitor<'de> for Section<'_, S> {
+    type Value = S;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a configuration with an optional [{}] section", self.0)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<S, A::Error> {
+        let mut section = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0 {
+                section = Some(map.next_value::<S>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(section.unwrap_or_default())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[derive(Debug, Deserialize)]
-    struct TestConfig {
-        #[serde(flatten)]
-        platform: PlatformConfig,
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Own {
+        shards: u32,
     }
 
-    impl Validate for TestConfig {
+    impl Validate for Own {
         fn validate(&self, p: &mut Problems) {
-            self.platform.validate(p)
+            p.check(self.shards <= 64, "own.shards", "must be <= 64");
         }
     }
+
+    type TestConfig = ServiceConfig<Own>;
 
     const DEFAULTS: &[(&str, &str)] = &[("database.url", "postgres://svc:pw@127.0.0.1:5432/db")];
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn layers_apply_in_order_defaults_file_env() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("svc.toml");
-        std::fs::write(&file, "[nats]\nurl = \"nats://file:4222\"\nrequest_timeout_ms = 900\n").unwrap();
+        std::fs::write(
+            &file,
+            "[nats]\nurl = \"nats://file:4222\"\nrequest_timeout_ms = 900\n",
+        )
+        .unwrap();
         let cfg: TestConfig = load_from(
+            "own",
             DEFAULTS,
             Some(&file),
             env(&[("SYNTROPISM__NATS__URL", "nats://env:4222"), ("OTHER", "x")]),
@@ -293,21 +408,48 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.platform.nats.url, "nats://env:4222");
         assert_eq!(cfg.platform.nats.request_timeout_ms, 900);
-        assert_eq!(cfg.platform.database.url, "postgres://svc:pw@127.0.0.1:5432/db");
+        assert_eq!(
+            cfg.platform.database.url,
+            "postgres://svc:pw@127.0.0.1:5432/db"
+        );
         assert_eq!(cfg.platform.database.pool_size, 16);
     }
 
     #[test]
     fn wrong_types_name_the_key() {
-        let err = load_from::<TestConfig>(DEFAULTS, None, env(&[("SYNTROPISM__DATABASE__POOL_SIZE", "lots")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("pool_size"), "{err}");
+        let err = load_from::<Own>(
+            "own",
+            DEFAULTS,
+            None,
+            env(&[("SYNTROPISM__DATABASE__POOL_SIZE", "lots")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.pool_size"), "{err}");
+        let err = load_from::<Own>(
+            "own",
+            DEFAULTS,
+            None,
+            env(&[("SYNTROPISM__OWN__SHARDS", "many")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("own.shards"), "{err}");
+        let err = load_from::<Own>(
+            "own",
+            DEFAULTS,
+            None,
+            env(&[("SYNTROPISM__OWN__SHARDS", "65")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("own.shards: must be <= 64"), "{err}");
     }
 
     #[test]
     fn rule_violations_name_every_key() {
-        let err = load_from::<TestConfig>(
+        let err = load_from::<Own>(
+            "own",
             DEFAULTS,
             None,
             env(&[
@@ -325,7 +467,12 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error() {
-        let err = load_from::<TestConfig>(DEFAULTS, Some(Path::new("/nonexistent.toml")), env(&[]));
+        let err = load_from::<Own>(
+            "own",
+            DEFAULTS,
+            Some(Path::new("/nonexistent.toml")),
+            env(&[]),
+        );
         assert!(err.is_err());
     }
 }

@@ -49,7 +49,9 @@ fn check_identifier(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         bail!("{name:?} is not a plain lower-case identifier");
     }
@@ -59,8 +61,11 @@ fn check_identifier(name: &str) -> anyhow::Result<()> {
 /// Every connection of the service resolves unqualified names in its own schema only.
 fn with_search_path(url: &str, schema: &str) -> anyhow::Result<String> {
     let mut url = url::Url::parse(url).context("database.url: not a URL")?;
-    let others: Vec<(String, String)> =
-        url.query_pairs().filter(|(k, _)| k != "options").map(|(k, v)| (k.into(), v.into())).collect();
+    let others: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "options")
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
     url.query_pairs_mut()
         .clear()
         .extend_pairs(others)
@@ -68,12 +73,16 @@ fn with_search_path(url: &str, schema: &str) -> anyhow::Result<String> {
     Ok(url.into())
 }
 
-async fn ensure_role_and_schema(admin_url: &str, target: &url::Url, schema: &str) -> anyhow::Result<()> {
+async fn ensure_role_and_schema(
+    admin_url: &str,
+    target: &url::Url,
+    schema: &str,
+) -> anyhow::Result<()> {
     let role = target.username().to_owned();
     check_identifier(&role).context("database.url: the role name")?;
     let password = target
         .password()
-        .map(|p| percent_decode(p))
+        .map(percent_decode)
         .transpose()?
         .context("database.url: the service role needs a password")?;
     let database = target.path().trim_start_matches('/').to_owned();
@@ -83,7 +92,10 @@ async fn ensure_role_and_schema(admin_url: &str, target: &url::Url, schema: &str
         .await
         .context("database.admin_url: cannot connect")?;
     let lock = format!("syntropism.bootstrap.{schema}");
-    diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))").bind::<Text, _>(&lock).execute(&mut admin).await?;
+    diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind::<Text, _>(&lock)
+        .execute(&mut admin)
+        .await?;
     // Roles are cluster-wide while advisory locks are per database: another database's
     // bootstrap may create the same role concurrently, so creation tolerates "already exists".
     let literal = password.replace('\'', "''");
@@ -113,11 +125,16 @@ async fn ensure_role_and_schema(admin_url: &str, target: &url::Url, schema: &str
     if let Some(error) = last_error {
         return Err(error).context(format!("cannot create role {role}"));
     }
-    diesel::sql_query(format!("CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"))
+    diesel::sql_query(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"
+    ))
+    .execute(&mut admin)
+    .await
+    .with_context(|| format!("cannot create schema {schema}"))?;
+    diesel::sql_query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind::<Text, _>(&lock)
         .execute(&mut admin)
-        .await
-        .with_context(|| format!("cannot create schema {schema}"))?;
-    diesel::sql_query("SELECT pg_advisory_unlock(hashtext($1))").bind::<Text, _>(&lock).execute(&mut admin).await?;
+        .await?;
     Ok(())
 }
 
@@ -155,7 +172,10 @@ async fn migrate(url: &str, schema: &str, migrations: EmbeddedMigrations) -> any
         );
     }
     let lock = format!("syntropism.migrate.{schema}");
-    diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))").bind::<Text, _>(&lock).execute(&mut conn).await?;
+    diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind::<Text, _>(&lock)
+        .execute(&mut conn)
+        .await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let applied = harness
         .run_pending_migrations(migrations)
@@ -164,14 +184,21 @@ async fn migrate(url: &str, schema: &str, migrations: EmbeddedMigrations) -> any
         tracing::info!(%schema, %version, "applied migration");
     }
     let mut conn = harness.into_inner();
-    diesel::sql_query("SELECT pg_advisory_unlock(hashtext($1))").bind::<Text, _>(&lock).execute(&mut conn).await?;
+    diesel::sql_query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind::<Text, _>(&lock)
+        .execute(&mut conn)
+        .await?;
     Ok(())
 }
 
 /// A blocking-free check that the pool can reach Postgres (for `/readyz`).
 pub async fn ping(pool: &Pool) -> Result<(), String> {
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    diesel::sql_query("SELECT 1").execute(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
+    diesel::sql_query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -181,7 +208,10 @@ mod tests {
     #[test]
     fn search_path_is_added_to_the_url() {
         let url = with_search_path("postgres://e:p@h:1/db?sslmode=disable", "economy").unwrap();
-        assert_eq!(url, "postgres://e:p@h:1/db?sslmode=disable&options=-csearch_path%3Deconomy");
+        assert_eq!(
+            url,
+            "postgres://e:p@h:1/db?sslmode=disable&options=-csearch_path%3Deconomy"
+        );
     }
 
     #[test]

@@ -36,7 +36,8 @@ impl Readiness {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.checks.push((name, Box::new(move || Box::pin(check()))));
+        self.checks
+            .push((name, Box::new(move || Box::pin(check()))));
         self
     }
 
@@ -109,7 +110,10 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(state): State<AppState>| async move { state.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(state): State<AppState>| async move { state.metrics.render() }),
+        )
         .with_state(AppState { readiness, metrics });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -129,5 +133,12 @@ pub async fn serve(
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let (ok, text) = state.readiness.report().await;
-    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, text)
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        text,
+    )
 }

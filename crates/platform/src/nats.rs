@@ -20,10 +20,9 @@ pub async fn connect(config: &NatsConfig, name: &str) -> anyhow::Result<Client> 
             .request_timeout(Some(Duration::from_millis(config.request_timeout_ms)))
             .max_reconnects(None);
         if let Some(file) = &config.credentials_file {
-            options = options
-                .credentials_file(file)
-                .await
-                .with_context(|| format!("nats.credentials_file: cannot read {}", file.display()))?;
+            options = options.credentials_file(file).await.with_context(|| {
+                format!("nats.credentials_file: cannot read {}", file.display())
+            })?;
         }
         match options.connect(config.url.as_str()).await {
             Ok(client) => {
@@ -37,7 +36,10 @@ pub async fn connect(config: &NatsConfig, name: &str) -> anyhow::Result<Client> 
             }
             Err(error) => {
                 return Err(error).with_context(|| {
-                    format!("nats.url: cannot connect to {} after {attempt} attempts", config.url)
+                    format!(
+                        "nats.url: cannot connect to {} after {attempt} attempts",
+                        config.url
+                    )
                 });
             }
         }

@@ -34,11 +34,17 @@ pub struct PendingEvent {
 }
 
 /// Writes `events` to the outbox on `conn`, which must be inside the business transaction.
-pub async fn enqueue(conn: &mut AsyncPgConnection, events: &[PendingEvent]) -> diesel::QueryResult<()> {
+pub async fn enqueue(
+    conn: &mut AsyncPgConnection,
+    events: &[PendingEvent],
+) -> diesel::QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = events.iter().map(|e| e.envelope.event_id.as_str()).collect();
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|e| e.envelope.event_id.as_str())
+        .collect();
     let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
     let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.envelope.encode_to_vec()).collect();
     diesel::sql_query(
@@ -72,8 +78,10 @@ pub async fn ensure_stream(nats: &async_nats::Client) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("unknown error")))
-        .context("cannot create the EVENTS stream")
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("unknown error")))
+    .context("cannot create the EVENTS stream")
 }
 
 #[derive(diesel::QueryableByName)]
@@ -101,13 +109,20 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl Relay {
     pub fn new(pool: Pool, nats: async_nats::Client, config: OutboxConfig) -> Self {
-        Self { pool, jetstream: jetstream::new(nats), wake: Arc::new(Notify::new()), config }
+        Self {
+            pool,
+            jetstream: jetstream::new(nats),
+            wake: Arc::new(Notify::new()),
+            config,
+        }
     }
 
     /// Notify this after committing events so they go out without waiting for the next poll.
@@ -117,46 +132,52 @@ impl Relay {
 
     /// Publishes up to one batch; returns how many events went out.
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
-        let mut conn = self.pool.get().await.context("outbox: no database connection")?;
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .context("outbox: no database connection")?;
         let limit = self.config.batch_size as i64;
         let jetstream = &self.jetstream;
         conn.transaction::<usize, anyhow::Error, _>(async |conn| {
-            {
-                let rows: Vec<OutboxRow> = diesel::sql_query(
-                    "SELECT id, event_id, subject, envelope FROM outbox \
+            let rows: Vec<OutboxRow> = diesel::sql_query(
+                "SELECT id, event_id, subject, envelope FROM outbox \
                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                )
-                .bind::<BigInt, _>(limit)
-                .load(conn)
-                .await?;
-                if rows.is_empty() {
-                    return Ok(0);
-                }
-                let mut acks = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    let mut message_headers = async_nats::HeaderMap::new();
-                    message_headers.insert(headers::NATS_MSG_ID, row.event_id.as_str());
-                    if let Ok(envelope) = pb::EventEnvelope::decode(row.envelope.as_slice()) {
-                        if !envelope.traceparent.is_empty() {
-                            message_headers.insert(headers::TRACEPARENT, envelope.traceparent.as_str());
-                        }
-                    }
-                    let ack = jetstream
-                        .publish_with_headers(row.subject.clone(), message_headers, row.envelope.clone().into())
-                        .await
-                        .context("outbox: publish failed")?;
-                    acks.push(ack);
-                }
-                for ack in acks {
-                    ack.await.context("outbox: JetStream did not acknowledge")?;
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
-                    .bind::<Array<BigInt>, _>(ids)
-                    .execute(conn)
-                    .await?;
-                Ok(rows.len())
+            )
+            .bind::<BigInt, _>(limit)
+            .load(conn)
+            .await?;
+            if rows.is_empty() {
+                return Ok(0);
             }
+            let mut acks = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let mut message_headers = async_nats::HeaderMap::new();
+                message_headers.insert(headers::NATS_MSG_ID, row.event_id.as_str());
+                if let Ok(envelope) = pb::EventEnvelope::decode(row.envelope.as_slice())
+                    && !envelope.traceparent.is_empty()
+                {
+                    message_headers.insert(headers::TRACEPARENT, envelope.traceparent.as_str());
+                }
+                let ack = jetstream
+                    .publish_with_headers(
+                        row.subject.clone(),
+                        message_headers,
+                        row.envelope.clone().into(),
+                    )
+                    .await
+                    .context("outbox: publish failed")?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.context("outbox: JetStream did not acknowledge")?;
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn)
+                .await?;
+            Ok(rows.len())
         })
         .await
     }
@@ -170,7 +191,10 @@ impl Relay {
                 Ok(n) if n == self.config.batch_size => continue,
                 Ok(_) => backoff = poll,
                 Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "outbox relay failed; will retry");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "outbox relay failed; will retry"
+                    );
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
@@ -185,7 +209,10 @@ impl Relay {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "final outbox pass failed; events stay for the next replica");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "final outbox pass failed; events stay for the next replica"
+                    );
                     break;
                 }
             }

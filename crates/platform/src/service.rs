@@ -38,7 +38,10 @@ pub struct Service {
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service").field("name", &self.name).field("http_address", &self.http_address).finish_non_exhaustive()
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("http_address", &self.http_address)
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,7 +70,11 @@ impl Service {
                 .check("nats", move || {
                     let state = ready_nats.connection_state();
                     async move {
-                        if state == State::Connected { Ok(()) } else { Err(format!("{state:?}")) }
+                        if state == State::Connected {
+                            Ok(())
+                        } else {
+                            Err(format!("{state:?}"))
+                        }
                     }
                 })
                 .check("postgres", move || {
@@ -110,7 +117,10 @@ impl Service {
     pub async fn run(mut self) {
         tracing::info!(service = self.name, "serving");
         self.stop.cancelled().await;
-        tracing::info!(service = self.name, "stopping: finishing in-flight requests");
+        tracing::info!(
+            service = self.name,
+            "stopping: finishing in-flight requests"
+        );
         self.readiness.set_stopping();
         self.rpc.shutdown().await;
         self.relay_stop.cancel();

@@ -24,8 +24,11 @@ impl Telemetry {
     /// starting several services) keeps the first subscriber and returns a provider that only
     /// needs shutting down.
     pub fn init(service: &str, config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
-        let mut builder = SdkTracerProvider::builder()
-            .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
+        let mut builder = SdkTracerProvider::builder().with_resource(
+            Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        );
         if let Some(endpoint) = &config.otlp_endpoint {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -44,7 +47,10 @@ impl Telemetry {
         let logs: Box<dyn Layer<Registry> + Send + Sync> = match config.log_format {
             LogFormat::Pretty => Box::new(tracing_subscriber::fmt::layer().with_target(true)),
             LogFormat::Json => Box::new(
-                tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true),
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
             ),
         };
         let installed = tracing_subscriber::registry()

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// The command that installs and starts everything tests need.
-pub const SETUP_HINT: &str = "run `scripts/setup.sh` (installs and starts PostgreSQL and nats-server)";
+pub const SETUP_HINT: &str =
+    "run `scripts/setup.sh` (installs and starts PostgreSQL and nats-server)";
 
 /// Admin URL of the Postgres that tests create their databases on.
 pub fn admin_url() -> String {
@@ -52,7 +53,11 @@ impl Nats {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}; {SETUP_HINT}", binary.display()));
         let pid = child.id();
-        let mut nats = Nats { child, port: 0, _dir: dir };
+        let mut nats = Nats {
+            child,
+            port: 0,
+            _dir: dir,
+        };
         nats.port = wait_for_port(&ports_dir, pid, &mut nats.child);
         nats
     }
@@ -101,12 +106,11 @@ fn wait_for_port(ports_dir: &Path, pid: u32, child: &mut Child) -> u16 {
                 .map(|e| e.path())
                 .find(|p| p.to_string_lossy().ends_with(&format!("_{pid}.ports")))
         });
-        if let Some(file) = file {
-            if let Ok(text) = std::fs::read_to_string(&file) {
-                if let Some(port) = parse_client_port(&text) {
-                    return port;
-                }
-            }
+        if let Some(file) = file
+            && let Ok(text) = std::fs::read_to_string(&file)
+            && let Some(port) = parse_client_port(&text)
+        {
+            return port;
         }
         if Instant::now() > deadline {
             panic!("nats-server did not report its port within 15 s; {SETUP_HINT}");
@@ -132,9 +136,11 @@ impl Postgres {
     /// Creates a uniquely named database; panics with the setup command if Postgres is down.
     pub async fn fresh_database() -> Postgres {
         let admin_url = admin_url();
-        let mut admin = AsyncPgConnection::establish(&admin_url).await.unwrap_or_else(|e| {
-            panic!("cannot connect to the test Postgres at {admin_url}: {e}; {SETUP_HINT}")
-        });
+        let mut admin = AsyncPgConnection::establish(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to the test Postgres at {admin_url}: {e}; {SETUP_HINT}")
+            });
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
@@ -154,9 +160,19 @@ impl Postgres {
 
     /// URL of the fresh database for `role` with `password`.
     pub fn url_for(&self, role: &str, password: &str) -> String {
-        let after_scheme = self.admin_url.split_once("://").map(|(_, rest)| rest).unwrap_or("");
-        let host_and_path = after_scheme.rsplit_once('@').map(|(_, h)| h).unwrap_or(after_scheme);
-        replace_database(&format!("postgres://{role}:{password}@{host_and_path}"), &self.name)
+        let after_scheme = self
+            .admin_url
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .unwrap_or("");
+        let host_and_path = after_scheme
+            .rsplit_once('@')
+            .map(|(_, h)| h)
+            .unwrap_or(after_scheme);
+        replace_database(
+            &format!("postgres://{role}:{password}@{host_and_path}"),
+            &self.name,
+        )
     }
 }
 
@@ -174,15 +190,18 @@ impl Drop for Postgres {
         // Drop the database from a separate thread with its own runtime: Drop cannot await.
         let (url, name) = (self.admin_url.clone(), self.name.clone());
         let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build()
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
             else {
                 return;
             };
             runtime.block_on(async move {
                 if let Ok(mut admin) = AsyncPgConnection::establish(&url).await {
-                    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
+                    let _ =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
                 }
             });
         })
@@ -200,11 +219,17 @@ mod tests {
             admin_url: "postgres://root:pw@127.0.0.1:5432/syntropism?sslmode=disable".into(),
             name: "test_x".into(),
         };
-        assert_eq!(pg.admin_url(), "postgres://root:pw@127.0.0.1:5432/test_x?sslmode=disable");
+        assert_eq!(
+            pg.admin_url(),
+            "postgres://root:pw@127.0.0.1:5432/test_x?sslmode=disable"
+        );
         assert_eq!(
             pg.url_for("economy", "secret"),
             "postgres://economy:secret@127.0.0.1:5432/test_x?sslmode=disable"
         );
-        assert_eq!(parse_client_port(r#"{"nats":["nats://127.0.0.1:41234"]}"#), Some(41234));
+        assert_eq!(
+            parse_client_port(r#"{"nats":["nats://127.0.0.1:41234"]}"#),
+            Some(41234)
+        );
     }
 }

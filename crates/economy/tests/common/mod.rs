@@ -15,13 +15,17 @@ pub const CREDIT: i64 = 1_000_000;
 pub fn config(nats_url: &str, pg: &Postgres) -> EconomyConfig {
     let env = [
         ("SYNTROPISM__NATS__URL", nats_url.to_owned()),
-        ("SYNTROPISM__DATABASE__URL", pg.url_for("economy", "economy")),
+        (
+            "SYNTROPISM__DATABASE__URL",
+            pg.url_for("economy", "economy"),
+        ),
         ("SYNTROPISM__DATABASE__ADMIN_URL", pg.admin_url()),
         ("SYNTROPISM__DATABASE__POOL_SIZE", "8".to_owned()),
         ("SYNTROPISM__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
         ("SYNTROPISM__OUTBOX__POLL_INTERVAL_MS", "50".to_owned()),
     ];
     syntropism_platform::config::load_from(
+        syntropism_economy::config::SECTION,
         syntropism_economy::config::DEFAULTS,
         None,
         env.into_iter().map(|(k, v)| (k.to_owned(), v)),
@@ -48,9 +52,20 @@ impl Harness {
             .expect("economy starts");
         let http = service.http_address.expect("http enabled");
         let task = tokio::spawn(service.run());
-        let client = RpcClient::new(async_nats::connect(nats.url()).await.expect("client connects"))
-            .with_timeout(Duration::from_secs(10));
-        Harness { nats, pg, client, http, stop, task }
+        let client = RpcClient::new(
+            async_nats::connect(nats.url())
+                .await
+                .expect("client connects"),
+        )
+        .with_timeout(Duration::from_secs(10));
+        Harness {
+            nats,
+            pg,
+            client,
+            http,
+            stop,
+            task,
+        }
     }
 
     /// Stops the service gracefully and waits for it.
@@ -63,7 +78,9 @@ impl Harness {
         self.client
             .call::<internal::OpenAccount>(&pb::OpenAccountRequest {
                 idempotency_id: format!("open-{agent}"),
-                op: Some(pb::OpenAccountOp { agent_id: agent.to_string() }),
+                op: Some(pb::OpenAccountOp {
+                    agent_id: agent.to_string(),
+                }),
             })
             .await
             .expect("open account")
@@ -96,21 +113,43 @@ impl Harness {
         agent
     }
 
-    pub async fn transfer(&self, key: &str, from: AgentId, to: pb::AccountRef, micros: i64) -> Result<pb::Transfer, RpcError> {
+    pub async fn transfer(
+        &self,
+        key: &str,
+        from: AgentId,
+        to: pb::AccountRef,
+        micros: i64,
+    ) -> Result<pb::Transfer, RpcError> {
         self.client
             .call::<internal::Transfer>(&pb::TransferRequest {
                 idempotency_id: key.into(),
-                op: Some(pb::TransferOp { from: Some(agent_ref(from)), to: Some(to), amount_micros: micros, memo: String::new() }),
+                op: Some(pb::TransferOp {
+                    from: Some(agent_ref(from)),
+                    to: Some(to),
+                    amount_micros: micros,
+                    memo: String::new(),
+                }),
             })
             .await
             .map(|r| r.transfer.expect("transfer"))
     }
 
-    pub async fn hold(&self, key: &str, from: AgentId, to: pb::AccountRef, micros: i64) -> Result<pb::Hold, RpcError> {
+    pub async fn hold(
+        &self,
+        key: &str,
+        from: AgentId,
+        to: pb::AccountRef,
+        micros: i64,
+    ) -> Result<pb::Hold, RpcError> {
         self.client
             .call::<internal::Hold>(&pb::HoldRequest {
                 idempotency_id: key.into(),
-                op: Some(pb::HoldOp { from: Some(agent_ref(from)), to: Some(to), amount_micros: micros, memo: "escrow".into() }),
+                op: Some(pb::HoldOp {
+                    from: Some(agent_ref(from)),
+                    to: Some(to),
+                    amount_micros: micros,
+                    memo: "escrow".into(),
+                }),
             })
             .await
             .map(|r| r.hold.expect("hold"))
@@ -118,7 +157,9 @@ impl Harness {
 
     pub async fn balance(&self, agent: AgentId) -> pb::Account {
         self.client
-            .call::<internal::Balance>(&pb::BalanceRequest { account: Some(agent_ref(agent)) })
+            .call::<internal::Balance>(&pb::BalanceRequest {
+                account: Some(agent_ref(agent)),
+            })
             .await
             .expect("balance")
             .account
@@ -126,18 +167,31 @@ impl Harness {
     }
 
     pub async fn audit(&self) -> pb::AuditResponse {
-        self.client.call::<internal::Audit>(&pb::AuditRequest {}).await.expect("audit")
+        self.client
+            .call::<internal::Audit>(&pb::AuditRequest {})
+            .await
+            .expect("audit")
     }
 }
 
 pub fn agent_ref(agent: AgentId) -> pb::AccountRef {
-    pb::AccountRef { account: Some(pb::account_ref::Account::AgentId(agent.to_string())) }
+    pb::AccountRef {
+        account: Some(pb::account_ref::Account::AgentId(agent.to_string())),
+    }
 }
 
 pub fn burn_ref() -> pb::AccountRef {
-    pb::AccountRef { account: Some(pb::account_ref::Account::System(pb::SystemAccount::Burn as i32)) }
+    pb::AccountRef {
+        account: Some(pb::account_ref::Account::System(
+            pb::SystemAccount::Burn as i32,
+        )),
+    }
 }
 
 pub fn mint_ref() -> pb::AccountRef {
-    pb::AccountRef { account: Some(pb::account_ref::Account::System(pb::SystemAccount::Mint as i32)) }
+    pb::AccountRef {
+        account: Some(pb::account_ref::Account::System(
+            pb::SystemAccount::Mint as i32,
+        )),
+    }
 }
