@@ -20,6 +20,7 @@ use syntropism_contracts::subjects::{economy_events, services};
 use syntropism_contracts::{AgentId, Credits, HoldId, IdempotencyId, RpcError, pb};
 use syntropism_platform::db::Pool;
 use syntropism_platform::outbox::{self, PendingEvent};
+use syntropism_platform::sql::sql;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -97,6 +98,8 @@ struct AccountRow {
     opened_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     closed_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Timestamptz)]
+    now: DateTime<Utc>,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -129,14 +132,17 @@ struct HoldLock {
     status: String,
 }
 
-#[derive(diesel::QueryableByName)]
+/// The transaction's timestamp and the ids given to new rows, in operation order.
 struct Allocation {
-    #[diesel(sql_type = Timestamptz)]
     now: DateTime<Utc>,
-    #[diesel(sql_type = Array<BigInt>)]
     transfer_ids: Vec<i64>,
-    #[diesel(sql_type = Array<BigInt>)]
     hold_ids: Vec<i64>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct NewId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -219,11 +225,13 @@ impl Store {
     }
 
     /// Applies a mutation exactly once per idempotency id.
+    ///
+    /// There is no look-up before the work: the idempotency record is inserted last, in the same
+    /// transaction, so a retry of an applied request either collides there (and replays the
+    /// stored outcome) or is refused by the rules and then finds the stored outcome. Retries are
+    /// rare; the look-up would cost every request a round trip.
     pub async fn mutate(&self, mutation: &Mutation) -> Result<pb::BatchResponse, RpcError> {
         let mut conn = self.connection().await?;
-        if let Some(stored) = lookup(&mut conn, mutation).await? {
-            return replay(stored, mutation);
-        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -273,12 +281,10 @@ impl Store {
                 #[diesel(sql_type = diesel::sql_types::Uuid)]
                 agent_id: Uuid,
             }
-            let rows: Vec<Inserted> = diesel::sql_query(
-                "INSERT INTO accounts (id, kind, agent_id) \
+            let rows: Vec<Inserted> = sql("INSERT INTO accounts (id, kind, agent_id) \
                  SELECT nextval('agent_account_ids'), 'agent', a FROM unnest($1::uuid[]) AS a \
-                 ON CONFLICT (agent_id) WHERE agent_id IS NOT NULL DO NOTHING RETURNING agent_id",
-            )
-            .bind::<Array<diesel::sql_types::Uuid>, _>(&opening)
+                 ON CONFLICT (agent_id) WHERE agent_id IS NOT NULL DO NOTHING RETURNING agent_id")
+            .bind::<Array<diesel::sql_types::Uuid>, _>(opening)
             .load(conn)
             .await?;
             rows.into_iter().map(|r| r.agent_id).collect()
@@ -289,8 +295,8 @@ impl Store {
         let hold_rows: Vec<HoldRow> = if hold_ids.is_empty() {
             Vec::new()
         } else {
-            diesel::sql_query(format!("{HOLD_SELECT} WHERE h.id = ANY($1)"))
-                .bind::<Array<BigInt>, _>(&hold_ids)
+            sql(format!("{HOLD_SELECT} WHERE h.id = ANY($1)"))
+                .bind::<Array<BigInt>, _>(hold_ids.clone())
                 .load(conn)
                 .await?
         };
@@ -323,13 +329,13 @@ impl Store {
             };
             (mint, burn)
         };
-        let locked: Vec<AccountRow> = diesel::sql_query(
-            "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
+        let locked: Vec<AccountRow> = sql(
+            "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
              FROM accounts \
              WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
              ORDER BY id, shard FOR UPDATE",
         )
-        .bind::<Array<diesel::sql_types::Uuid>, _>(&agents)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(agents)
         .bind::<SmallInt, _>(mint_shard)
         .bind::<SmallInt, _>(burn_shard)
         .load(conn)
@@ -338,10 +344,10 @@ impl Store {
         // 4. Lock the holds, in id order, and take their current status.
         let mut hold_status: HashMap<i64, String> = HashMap::new();
         if !hold_ids.is_empty() {
-            let locks: Vec<HoldLock> = diesel::sql_query(
+            let locks: Vec<HoldLock> = sql(
                 "SELECT id, status::text AS status FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE",
             )
-            .bind::<Array<BigInt>, _>(&hold_ids)
+            .bind::<Array<BigInt>, _>(hold_ids)
             .load(conn)
             .await?;
             hold_status = locks.into_iter().map(|l| (l.id, l.status)).collect();
@@ -393,18 +399,20 @@ impl Store {
             );
         }
         let plan = ledger.apply(ops).map_err(TxError::Ledger)?;
-
-        // 6. Ids and the transaction's timestamp, in one round trip.
-        let allocation: Allocation = diesel::sql_query(
-            "SELECT now() AS now, \
-               array(SELECT nextval('transfer_ids') FROM generate_series(1, $1)) AS transfer_ids, \
-               array(SELECT nextval('hold_ids') FROM generate_series(1, $2)) AS hold_ids",
-        )
-        .bind::<BigInt, _>(plan.transfers.len() as i64)
-        .bind::<BigInt, _>(plan.holds.len() as i64)
-        .get_result(conn)
-        .await?;
-        let now = allocation.now;
+        let now = match locked.as_slice().first() {
+            Some(row) => row.now,
+            None => {
+                #[derive(diesel::QueryableByName)]
+                struct Now {
+                    #[diesel(sql_type = Timestamptz)]
+                    now: DateTime<Utc>,
+                }
+                sql("SELECT now() AS now")
+                    .get_result::<Now>(conn)
+                    .await?
+                    .now
+            }
+        };
         let request_key = format!("{}/{}", mutation.scope, mutation.key);
         let account_id = |account: AccountRef| -> (i64, i16) {
             match account {
@@ -414,11 +422,12 @@ impl Store {
             }
         };
 
-        // 7. Write: releases first, then transfers, then new holds, then closures, so no
-        // intermediate state breaks a constraint that the final state satisfies.
+        // 6. Write: releases first, then transfers, then new holds, then closures, so no
+        // intermediate state breaks a constraint that the final state satisfies. Inserts take
+        // their ids from the sequences and return them in operation order.
         if !plan.resolutions.is_empty() {
             let ids: Vec<i64> = plan.resolutions.iter().map(|r| r.hold.get()).collect();
-            let statuses: Vec<&str> = plan
+            let statuses: Vec<&'static str> = plan
                 .resolutions
                 .iter()
                 .map(|r| hold_status_name(r.status))
@@ -428,17 +437,17 @@ impl Store {
                 .iter()
                 .map(|r| r.posted.map(Credits::micros))
                 .collect();
-            diesel::sql_query(
-                "UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = $4 \
+            sql(
+                "UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = now() \
                  FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, status, posted) WHERE h.id = r.id",
             )
             .bind::<Array<BigInt>, _>(ids)
             .bind::<Array<Text>, _>(statuses)
             .bind::<Array<Nullable<BigInt>>, _>(posted)
-            .bind::<Timestamptz, _>(now)
             .execute(conn)
             .await?;
         }
+        let mut transfer_ids = Vec::new();
         if !plan.transfers.is_empty() {
             let n = plan.transfers.len();
             let (mut debit_ids, mut debit_shards, mut credit_ids, mut credit_shards) = (
@@ -455,15 +464,19 @@ impl Store {
                 credit_ids.push(credit);
                 credit_shards.push(credit_shard);
             }
-            diesel::sql_query(
-                "INSERT INTO transfers (id, debit_id, debit_shard, credit_id, credit_shard, amount, kind, \
-                   mint_reason, memo, hold_id, request_key, created_at) \
-                 SELECT id, d, ds, c, cs, amount, kind::transfer_kind, reason::mint_reason, memo, hold, $11, $12 \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::smallint[], \
-                   $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[]) \
-                   AS x(id, d, ds, c, cs, amount, kind, reason, memo, hold)",
+            let rows: Vec<NewId> = sql(
+                "WITH new AS MATERIALIZED ( \
+                   SELECT nextval('transfer_ids') AS id, x.* \
+                   FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::smallint[], $5::bigint[], \
+                     $6::text[], $7::text[], $8::text[], $9::bigint[]) WITH ORDINALITY \
+                     AS x(d, ds, c, cs, amount, kind, reason, memo, hold, ord)), \
+                 written AS ( \
+                   INSERT INTO transfers (id, debit_id, debit_shard, credit_id, credit_shard, amount, kind, \
+                     mint_reason, memo, hold_id, request_key, created_at) \
+                   SELECT id, d, ds, c, cs, amount, kind::transfer_kind, reason::mint_reason, memo, hold, $10, now() \
+                   FROM new) \
+                 SELECT id FROM new ORDER BY ord",
             )
-            .bind::<Array<BigInt>, _>(&allocation.transfer_ids)
             .bind::<Array<BigInt>, _>(debit_ids)
             .bind::<Array<SmallInt>, _>(debit_shards)
             .bind::<Array<BigInt>, _>(credit_ids)
@@ -473,13 +486,14 @@ impl Store {
             .bind::<Array<Nullable<Text>>, _>(
                 plan.transfers.iter().map(|t| t.mint_reason.map(mint_reason_name)).collect::<Vec<_>>(),
             )
-            .bind::<Array<Text>, _>(plan.transfers.iter().map(|t| t.memo.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(plan.transfers.iter().map(|t| t.memo.clone()).collect::<Vec<_>>())
             .bind::<Array<Nullable<BigInt>>, _>(plan.transfers.iter().map(|t| t.hold.map(HoldId::get)).collect::<Vec<_>>())
-            .bind::<Text, _>(&request_key)
-            .bind::<Timestamptz, _>(now)
-            .execute(conn)
+            .bind::<Text, _>(request_key.clone())
+            .load(conn)
             .await?;
+            transfer_ids = rows.into_iter().map(|r| r.id).collect();
         }
+        let mut hold_ids = Vec::new();
         if !plan.holds.is_empty() {
             let burn_shards: Vec<i16> = {
                 let mut rng = rand::rng();
@@ -498,35 +512,40 @@ impl Store {
                 credit_ids.push(credit);
                 credit_shards.push(shard);
             }
-            diesel::sql_query(
-                "INSERT INTO holds (id, debit_id, credit_id, credit_shard, amount, memo, request_key, created_at) \
-                 SELECT id, d, c, cs, amount, memo, $7, $8 \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[], $6::text[]) \
-                   AS x(id, d, c, cs, amount, memo)",
+            let rows: Vec<NewId> = sql(
+                "WITH new AS MATERIALIZED ( \
+                   SELECT nextval('hold_ids') AS id, x.* \
+                   FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::text[]) WITH ORDINALITY \
+                     AS x(d, c, cs, amount, memo, ord)), \
+                 written AS ( \
+                   INSERT INTO holds (id, debit_id, credit_id, credit_shard, amount, memo, request_key, created_at) \
+                   SELECT id, d, c, cs, amount, memo, $6, now() FROM new) \
+                 SELECT id FROM new ORDER BY ord",
             )
-            .bind::<Array<BigInt>, _>(&allocation.hold_ids)
             .bind::<Array<BigInt>, _>(debit_ids)
             .bind::<Array<BigInt>, _>(credit_ids)
             .bind::<Array<SmallInt>, _>(credit_shards)
             .bind::<Array<BigInt>, _>(plan.holds.iter().map(|h| h.amount.micros()).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(plan.holds.iter().map(|h| h.memo.as_str()).collect::<Vec<_>>())
-            .bind::<Text, _>(&request_key)
-            .bind::<Timestamptz, _>(now)
-            .execute(conn)
+            .bind::<Array<Text>, _>(plan.holds.iter().map(|h| h.memo.clone()).collect::<Vec<_>>())
+            .bind::<Text, _>(request_key)
+            .load(conn)
             .await?;
+            hold_ids = rows.into_iter().map(|r| r.id).collect();
         }
         if !plan.closed.is_empty() {
             let closed: Vec<Uuid> = plan.closed.iter().map(|a| a.as_uuid()).collect();
-            diesel::sql_query(
-                "UPDATE accounts SET status = 'closed', closed_at = $2 WHERE shard = 0 AND agent_id = ANY($1)",
-            )
-            .bind::<Array<diesel::sql_types::Uuid>, _>(closed)
-            .bind::<Timestamptz, _>(now)
-            .execute(conn)
-            .await?;
+            sql("UPDATE accounts SET status = 'closed', closed_at = now() WHERE shard = 0 AND agent_id = ANY($1)")
+                .bind::<Array<diesel::sql_types::Uuid>, _>(closed)
+                .execute(conn)
+                .await?;
         }
 
-        // 8. The response, the events, and the idempotency record.
+        // 7. The response, the events, and the idempotency record, the last two pipelined.
+        let allocation = Allocation {
+            now,
+            transfer_ids,
+            hold_ids,
+        };
         let view = ResponseView {
             plan: &plan,
             ledger: &ledger,
@@ -536,17 +555,19 @@ impl Store {
         };
         let response = view.response();
         let events = view.events(&mutation.correlation_id, mutation.key.as_str());
-        outbox::enqueue(conn, &events).await?;
-        let recorded = diesel::sql_query(
+        let record = sql(
             "INSERT INTO idempotency (scope, key, request_hash, is_error, outcome) \
              VALUES ($1, $2, $3, false, $4) ON CONFLICT DO NOTHING",
         )
-        .bind::<Text, _>(&mutation.scope)
-        .bind::<Text, _>(mutation.key.as_str())
-        .bind::<Bytea, _>(&mutation.request_hash)
-        .bind::<Bytea, _>(response.encode_to_vec())
-        .execute(conn)
-        .await?;
+        .bind::<Text, _>(mutation.scope.clone())
+        .bind::<Text, _>(mutation.key.as_str().to_owned())
+        .bind::<Bytea, _>(mutation.request_hash.clone())
+        .bind::<Bytea, _>(response.encode_to_vec());
+        let shared: &AsyncPgConnection = conn;
+        let (recorded, _) = futures::try_join!(
+            record.execute(&mut &*shared),
+            outbox::insert(&events).execute(&mut &*shared),
+        )?;
         if recorded == 0 {
             return Err(TxError::Duplicate);
         }
@@ -557,17 +578,17 @@ impl Store {
     pub async fn balance(&self, account: AccountRef) -> Result<pb::Account, RpcError> {
         let mut conn = self.connection().await?;
         let rows: Vec<AccountRow> = match account {
-            AccountRef::Agent(agent) => diesel::sql_query(
-                "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
+            AccountRef::Agent(agent) => sql(
+                "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
                  FROM accounts WHERE agent_id = $1",
             )
             .bind::<diesel::sql_types::Uuid, _>(agent.as_uuid())
             .load(&mut conn)
             .await,
-            AccountRef::Mint | AccountRef::Burn => diesel::sql_query(
+            AccountRef::Mint | AccountRef::Burn => sql(
                 "SELECT id, NULL::uuid AS agent_id, 'open' AS status, \
                    sum(balance)::bigint AS balance, sum(pending)::bigint AS pending, \
-                   min(opened_at) AS opened_at, NULL::timestamptz AS closed_at \
+                   min(opened_at) AS opened_at, NULL::timestamptz AS closed_at, now() AS now \
                  FROM accounts WHERE id = $1 GROUP BY id",
             )
             .bind::<BigInt, _>(if account == AccountRef::Mint { MINT_ID } else { BURN_ID })
@@ -598,7 +619,7 @@ impl Store {
                     #[diesel(sql_type = BigInt)]
                     id: i64,
                 }
-                let ids: Vec<Id> = diesel::sql_query("SELECT id FROM accounts WHERE agent_id = $1")
+                let ids: Vec<Id> = sql("SELECT id FROM accounts WHERE agent_id = $1")
                     .bind::<diesel::sql_types::Uuid, _>(agent.as_uuid())
                     .load(&mut conn)
                     .await
@@ -612,7 +633,7 @@ impl Store {
                     .id
             }
         };
-        let rows: Vec<TransferRow> = diesel::sql_query(format!(
+        let rows: Vec<TransferRow> = sql(format!(
             "SELECT {TRANSFER_COLUMNS} WHERE (t.debit_id = $1 OR t.credit_id = $1) AND t.id < $2 \
              ORDER BY t.id DESC LIMIT $3"
         ))
@@ -642,7 +663,7 @@ impl Store {
     /// Totals and a check of every invariant, from the rows themselves.
     pub async fn audit(&self) -> Result<pb::AuditResponse, RpcError> {
         let mut conn = self.connection().await?;
-        let row: AuditRow = diesel::sql_query(
+        let row: AuditRow = sql(
             "WITH legs AS ( \
                SELECT debit_id AS id, debit_shard AS shard, -sum(amount::numeric) AS total FROM transfers GROUP BY 1, 2 \
                UNION ALL SELECT credit_id, credit_shard, sum(amount::numeric) FROM transfers GROUP BY 1, 2 \
@@ -743,11 +764,11 @@ async fn lookup(
     conn: &mut AsyncPgConnection,
     mutation: &Mutation,
 ) -> Result<Option<StoredOutcome>, RpcError> {
-    let rows: Vec<StoredOutcome> = diesel::sql_query(
+    let rows: Vec<StoredOutcome> = sql(
         "SELECT request_hash, is_error, outcome FROM idempotency WHERE scope = $1 AND key = $2",
     )
-    .bind::<Text, _>(&mutation.scope)
-    .bind::<Text, _>(mutation.key.as_str())
+    .bind::<Text, _>(mutation.scope.clone())
+    .bind::<Text, _>(mutation.key.as_str().to_owned())
     .load(conn)
     .await
     .map_err(db_error)?;
@@ -777,13 +798,13 @@ async fn record_error(
     mutation: &Mutation,
     error: &RpcError,
 ) -> Result<pb::BatchResponse, RpcError> {
-    let recorded = diesel::sql_query(
+    let recorded = sql(
         "INSERT INTO idempotency (scope, key, request_hash, is_error, outcome) \
          VALUES ($1, $2, $3, true, $4) ON CONFLICT DO NOTHING",
     )
-    .bind::<Text, _>(&mutation.scope)
-    .bind::<Text, _>(mutation.key.as_str())
-    .bind::<Bytea, _>(&mutation.request_hash)
+    .bind::<Text, _>(mutation.scope.clone())
+    .bind::<Text, _>(mutation.key.as_str().to_owned())
+    .bind::<Bytea, _>(mutation.request_hash.clone())
     .bind::<Bytea, _>(error.to_proto().encode_to_vec())
     .execute(conn)
     .await

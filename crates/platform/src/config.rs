@@ -169,6 +169,9 @@ impl Default for RpcConfig {
 pub struct OutboxConfig {
     /// How often the relay looks for events written by other replicas.
     pub poll_interval_ms: u64,
+    /// After being woken by a commit, how long the relay waits for more events, so that under
+    /// load one relay transaction carries many events instead of one each.
+    pub linger_ms: u64,
     pub batch_size: usize,
 }
 
@@ -176,6 +179,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             poll_interval_ms: 250,
+            linger_ms: 10,
             batch_size: 256,
         }
     }
@@ -243,6 +247,11 @@ impl Validate for PlatformConfig {
             self.outbox.poll_interval_ms > 0,
             "outbox.poll_interval_ms",
             "must be > 0",
+        );
+        p.check(
+            self.outbox.linger_ms < 10_000,
+            "outbox.linger_ms",
+            "must be < 10000",
         );
         p.check(
             (1..=10_000).contains(&self.outbox.batch_size),

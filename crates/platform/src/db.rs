@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use diesel::sql_types::{Bool, Text};
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::Pool as DeadPool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 
@@ -33,7 +35,12 @@ pub async fn prepare(
     }
     let url = with_search_path(&config.url, schema)?;
     migrate(&url, schema, migrations).await?;
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+    // Fast recycling: no `SELECT 1` round trip on every checkout. A connection that died is
+    // reported by the statement that uses it (UNAVAILABLE, retryable) and then discarded.
+    let mut manager_config = ManagerConfig::default();
+    manager_config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
     let pool = Pool::builder(manager)
         .max_size(config.pool_size)
         .wait_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))

@@ -15,6 +15,7 @@ pub mod nats;
 pub mod outbox;
 pub mod service;
 pub mod shutdown;
+pub mod sql;
 pub mod telemetry;
 
 pub use config::{ConfigError, PlatformConfig, Problems, Validate};

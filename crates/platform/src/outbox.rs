@@ -5,7 +5,7 @@
 //! JetStream's duplicate window drops the copy: no event is lost or invented.
 //!
 //! Each service's migrations create the table:
-//! `CREATE TABLE outbox (id bigserial PRIMARY KEY, event_id text NOT NULL UNIQUE,
+//! `CREATE TABLE outbox (id bigserial PRIMARY KEY, event_id text NOT NULL,
 //!  subject text NOT NULL, envelope bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`.
 
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::OutboxConfig;
 use crate::db::Pool;
+use crate::sql::{Statement, sql};
 
 /// How long JetStream remembers message ids for de-duplication.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -33,29 +34,27 @@ pub struct PendingEvent {
     pub envelope: pb::EventEnvelope,
 }
 
+/// The statement that writes `events` to the outbox (a no-op for none). Run it inside the
+/// business transaction, alone or pipelined with the transaction's other writes.
+pub fn insert(events: &[PendingEvent]) -> Statement {
+    let ids: Vec<String> = events.iter().map(|e| e.envelope.event_id.clone()).collect();
+    let subjects: Vec<String> = events.iter().map(|e| e.subject.clone()).collect();
+    let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.envelope.encode_to_vec()).collect();
+    sql("INSERT INTO outbox (event_id, subject, envelope) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])")
+    .bind::<Array<Text>, _>(ids)
+    .bind::<Array<Text>, _>(subjects)
+    .bind::<Array<Bytea>, _>(bodies)
+}
+
 /// Writes `events` to the outbox on `conn`, which must be inside the business transaction.
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
     events: &[PendingEvent],
 ) -> diesel::QueryResult<()> {
-    if events.is_empty() {
-        return Ok(());
+    if !events.is_empty() {
+        insert(events).execute(conn).await?;
     }
-    let ids: Vec<&str> = events
-        .iter()
-        .map(|e| e.envelope.event_id.as_str())
-        .collect();
-    let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
-    let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.envelope.encode_to_vec()).collect();
-    diesel::sql_query(
-        "INSERT INTO outbox (event_id, subject, envelope) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
-    )
-    .bind::<Array<Text>, _>(ids)
-    .bind::<Array<Text>, _>(subjects)
-    .bind::<Array<Bytea>, _>(bodies)
-    .execute(conn)
-    .await?;
     Ok(())
 }
 
@@ -140,10 +139,8 @@ impl Relay {
         let limit = self.config.batch_size as i64;
         let jetstream = &self.jetstream;
         conn.transaction::<usize, anyhow::Error, _>(async |conn| {
-            let rows: Vec<OutboxRow> = diesel::sql_query(
-                "SELECT id, event_id, subject, envelope FROM outbox \
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            )
+            let rows: Vec<OutboxRow> = sql("SELECT id, event_id, subject, envelope FROM outbox \
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
             .bind::<BigInt, _>(limit)
             .load(conn)
             .await?;
@@ -173,7 +170,7 @@ impl Relay {
                 ack.await.context("outbox: JetStream did not acknowledge")?;
             }
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
+            sql("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn)
                 .await?;
@@ -200,7 +197,9 @@ impl Relay {
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
+                }
                 _ = tokio::time::sleep(backoff) => {}
             }
         }
