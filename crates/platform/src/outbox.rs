@@ -169,6 +169,7 @@ impl Relay {
             for ack in acks {
                 ack.await.context("outbox: JetStream did not acknowledge")?;
             }
+            metrics::counter!("syntropism_outbox_published_total").increment(rows.len() as u64);
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             sql("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind::<Array<BigInt>, _>(ids)
@@ -188,6 +189,7 @@ impl Relay {
                 Ok(n) if n == self.config.batch_size => continue,
                 Ok(_) => backoff = poll,
                 Err(error) => {
+                    metrics::counter!("syntropism_outbox_relay_failures_total").increment(1);
                     tracing::warn!(
                         error = format!("{error:#}"),
                         "outbox relay failed; will retry"

@@ -54,6 +54,12 @@ impl Service {
         migrations: EmbeddedMigrations,
         stop: CancellationToken,
     ) -> anyhow::Result<Service> {
+        metrics::gauge!(
+            "syntropism_service_info",
+            "service" => name,
+            "version" => env!("CARGO_PKG_VERSION")
+        )
+        .set(1.0);
         let nats = crate::nats::connect(&config.nats, name).await?;
         let pool = db::prepare(&config.database, name, migrations).await?;
         outbox::ensure_stream(&nats).await?;

@@ -1,0 +1,66 @@
+# Syntropism developer recipes; `just` lists them. Everything here also works without `just`:
+# each recipe is a plain command.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Install (Debian packages) and start PostgreSQL and nats-server under the project's control.
+setup:
+    scripts/setup.sh
+
+# Start the project's PostgreSQL and nats-server (installing them if needed).
+services-up: setup
+
+# Stop the project's PostgreSQL and nats-server.
+services-down:
+    scripts/nats.sh stop
+    scripts/postgres.sh stop
+
+# Show whether the project's PostgreSQL and nats-server are running.
+services-status:
+    scripts/postgres.sh status || true
+    scripts/nats.sh status || true
+
+# Build every crate (release).
+build:
+    cargo build --workspace --release --locked
+
+# Run the system (all services; or name some: `just run economy`) in the foreground.
+run *services:
+    scripts/run.sh {{services}}
+
+# Run the economy service alone.
+run-economy:
+    scripts/run.sh economy
+
+# Run the whole test suite against real PostgreSQL and nats-server (args go to nextest).
+test *args:
+    scripts/test.sh {{args}}
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Economy load benchmark against pgbench (seconds per step; see README for the knobs).
+bench-economy seconds="10":
+    scripts/setup.sh
+    BENCH_SECONDS={{seconds}} cargo bench -p syntropism-economy --bench economy_load --locked
+
+# Every benchmark.
+bench: bench-economy
+
+# A psql shell on the project's database as the superuser.
+psql *args:
+    scripts/postgres.sh psql {{args}}
+
+# What CI runs.
+ci:
+    .ci/run

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs Syntropism on this machine: installs and starts PostgreSQL and nats-server (setup.sh),
+# builds the services in release mode and runs them in the foreground; Ctrl-C (or SIGTERM) stops
+# them gracefully. With arguments, runs only the named services (e.g. `scripts/run.sh economy`).
+#
+# Each service reads defaults → optional file ($SYNTROPISM_CONFIG) → SYNTROPISM__* variables;
+# this script only fills in the local URLs where they are not already set.
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+
+ALL_SERVICES=(economy)
+# Health/metrics ports, one per service (see README).
+declare -A HTTP_PORTS=([economy]=9101)
+
+services=("$@")
+[[ ${#services[@]} -gt 0 ]] || services=("${ALL_SERVICES[@]}")
+for service in "${services[@]}"; do
+    [[ -n "${HTTP_PORTS[$service]:-}" ]] || die "unknown service '$service' (known: ${ALL_SERVICES[*]})"
+done
+
+"$SYNTROPISM_ROOT/scripts/setup.sh"
+
+info "building ${services[*]} (release)"
+bins=()
+for service in "${services[@]}"; do bins+=(--bin "$service"); done
+(cd "$SYNTROPISM_ROOT" && cargo build --release --locked "${bins[@]}")
+target_dir="${CARGO_TARGET_DIR:-$SYNTROPISM_ROOT/target}"
+
+export SYNTROPISM__NATS__URL="${SYNTROPISM__NATS__URL:-nats://127.0.0.1:$NATS_PORT}"
+admin_url="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
+
+pids=()
+stopping=""
+stop_all() {
+    [[ -z "$stopping" ]] || return 0
+    stopping=1
+    trap - INT TERM
+    info "stopping ${services[*]}"
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait
+}
+trap stop_all INT TERM
+
+for service in "${services[@]}"; do
+    # Each service connects with its own role to its own schema; the admin URL lets it create
+    # both on first start. Development passwords: the role name.
+    env \
+        SYNTROPISM__DATABASE__URL="${SYNTROPISM__DATABASE__URL:-postgres://$service:$service@127.0.0.1:$PG_PORT/$PG_DB}" \
+        SYNTROPISM__DATABASE__ADMIN_URL="${SYNTROPISM__DATABASE__ADMIN_URL:-$admin_url}" \
+        SYNTROPISM__HTTP__LISTEN="${SYNTROPISM__HTTP__LISTEN:-127.0.0.1:${HTTP_PORTS[$service]}}" \
+        "$target_dir/release/$service" &
+    pids+=($!)
+    info "$service started (pid $!), health and metrics on http://127.0.0.1:${HTTP_PORTS[$service]}/{healthz,readyz,metrics}"
+done
+info "running; press Ctrl-C to stop"
+# Stop everything as soon as any service exits on its own.
+set +e
+wait -n "${pids[@]}"
+status=$?
+set -e
+stop_all
+exit "$status"
