@@ -3,8 +3,9 @@
 use crate::pb;
 use crate::rpc_method;
 
-/// A batch carries up to this many operations (and at most this many bytes).
-pub const MAX_BATCH_OPS: usize = 10_000;
+/// A batch carries up to this many operations (and at most this many bytes): its reply, about
+/// 110 bytes an operation, must fit NATS's default 1 MiB payload.
+pub const MAX_BATCH_OPS: usize = 5_000;
 pub const MAX_BATCH_REQUEST_BYTES: usize = 768 * 1024;
 
 /// Internal requests: `economy.<method>`.

@@ -417,8 +417,21 @@ where
         // No OpenTelemetry layer installed: still hand the caller's trace back.
         crate::trace::inject(&parent, &mut reply_headers);
     }
+    let max_payload = nats.server_info().max_payload;
+    let outcome = outcome.and_then(|response| {
+        let body = response.encode_to_vec();
+        // A reply NATS would refuse must not vanish: the caller gets an error instead.
+        if body.len() > max_payload.saturating_sub(1024) {
+            return Err(RpcError::internal(format!(
+                "the reply ({} bytes) exceeds what NATS carries ({max_payload} bytes)",
+                body.len()
+            ))
+            .with_reason("reply_too_large"));
+        }
+        Ok(body)
+    });
     let (code, body) = match outcome {
-        Ok(response) => ("OK", response.encode_to_vec()),
+        Ok(body) => ("OK", body),
         Err(error) => {
             if error.code == ErrorCode::Internal {
                 tracing::error!(parent: &span, %error, "request failed");

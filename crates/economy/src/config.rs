@@ -29,7 +29,7 @@ impl Default for EconomySection {
             system_shards: 64,
             history_default_limit: 50,
             history_max_limit: 500,
-            max_batch_ops: 10_000,
+            max_batch_ops: syntropism_contracts::economy::MAX_BATCH_OPS,
         }
     }
 }

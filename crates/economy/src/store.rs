@@ -201,6 +201,9 @@ struct AuditRow {
     pending_holds: i64,
 }
 
+/// Most items in one event, so that every event fits a NATS message.
+const MAX_EVENT_ITEMS: usize = 1_000;
+
 const TRANSFER_COLUMNS: &str = "t.id, t.debit_id, d.agent_id AS debit_agent, t.credit_id, \
      c.agent_id AS credit_agent, t.amount, t.kind::text AS kind, t.mint_reason::text AS mint_reason, \
      t.memo, t.hold_id, t.created_at \
@@ -1091,8 +1094,16 @@ impl ResponseView<'_> {
                 envelope,
             });
         };
-        if !self.plan.opened.is_empty() {
-            let accounts = self.plan.opened.iter().map(|a| self.account(*a)).collect();
+        let chunks = |n: usize| {
+            (0..n)
+                .step_by(MAX_EVENT_ITEMS)
+                .map(move |start| start..(start + MAX_EVENT_ITEMS).min(n))
+        };
+        for range in chunks(self.plan.opened.len()) {
+            let accounts = self.plan.opened[range]
+                .iter()
+                .map(|a| self.account(*a))
+                .collect();
             push(
                 economy_events::ACCOUNTS_OPENED,
                 envelope(
@@ -1103,10 +1114,8 @@ impl ResponseView<'_> {
                 ),
             );
         }
-        if !self.plan.transfers.is_empty() {
-            let transfers = (0..self.plan.transfers.len())
-                .map(|i| self.transfer(i))
-                .collect();
+        for range in chunks(self.plan.transfers.len()) {
+            let transfers = range.map(|i| self.transfer(i)).collect();
             push(
                 economy_events::TRANSFERS_POSTED,
                 envelope(
@@ -1117,10 +1126,8 @@ impl ResponseView<'_> {
                 ),
             );
         }
-        if !self.plan.holds.is_empty() {
-            let holds = (0..self.plan.holds.len())
-                .map(|i| self.new_hold(i))
-                .collect();
+        for range in chunks(self.plan.holds.len()) {
+            let holds = range.map(|i| self.new_hold(i)).collect();
             push(
                 economy_events::HOLDS_PLACED,
                 envelope(
@@ -1131,10 +1138,8 @@ impl ResponseView<'_> {
                 ),
             );
         }
-        if !self.plan.resolutions.is_empty() {
-            let holds = (0..self.plan.resolutions.len())
-                .map(|i| self.resolved_hold(i))
-                .collect();
+        for range in chunks(self.plan.resolutions.len()) {
+            let holds = range.map(|i| self.resolved_hold(i)).collect();
             push(
                 economy_events::HOLDS_RESOLVED,
                 envelope(
@@ -1145,8 +1150,11 @@ impl ResponseView<'_> {
                 ),
             );
         }
-        if !self.plan.closed.is_empty() {
-            let accounts = self.plan.closed.iter().map(|a| self.account(*a)).collect();
+        for range in chunks(self.plan.closed.len()) {
+            let accounts = self.plan.closed[range]
+                .iter()
+                .map(|a| self.account(*a))
+                .collect();
             push(
                 economy_events::ACCOUNTS_CLOSED,
                 envelope(

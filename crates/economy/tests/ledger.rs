@@ -612,3 +612,66 @@ async fn every_posted_change_is_published_once_through_the_outbox() {
     assert_eq!(transfer_event, 5, "nothing published twice");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_batches_split_their_events_so_each_fits_a_nats_message() {
+    let h = Harness::start().await;
+    let alice = h.funded_agent(0).await;
+    let ops = (0..1_500)
+        .map(|_| pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::Mint(pb::MintOp {
+                agent_id: alice.to_string(),
+                amount_micros: 1,
+                reason: pb::MintReason::Reward as i32,
+                memo: String::new(),
+            })),
+        })
+        .collect();
+    let response = h
+        .client
+        .call::<internal::Batch>(&pb::BatchRequest {
+            idempotency_id: "big".into(),
+            ops,
+        })
+        .await
+        .unwrap();
+    assert_eq!(response.results.len(), 1_500);
+    let too_many = (0..5_001)
+        .map(|_| pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::VoidHold(pb::VoidHoldOp { hold_id: 1 })),
+        })
+        .collect();
+    let error = h
+        .client
+        .call::<internal::Batch>(&pb::BatchRequest {
+            idempotency_id: "huge".into(),
+            ops: too_many,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason, "batch_too_large");
+
+    let js = async_nats::jetstream::new(async_nats::connect(h.nats.url()).await.unwrap());
+    let mut stream = js.get_stream("EVENTS").await.unwrap();
+    let mut subjects = Vec::new();
+    for _ in 0..100 {
+        let info = stream.info().await.unwrap();
+        if info.state.messages >= 3 {
+            for sequence in 1..=info.state.messages {
+                let message = stream.get_raw_message(sequence).await.unwrap();
+                let envelope: pb::EventEnvelope = prost::Message::decode(message.payload).unwrap();
+                if let Ok(posted) =
+                    syntropism_contracts::events::open::<pb::TransfersPosted>(&envelope)
+                {
+                    subjects.push(posted.transfers.len());
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    subjects.sort();
+    assert_eq!(subjects, [500, 1_000], "1,500 transfers in two events");
+    assert_eq!(h.balance(alice).await.balance_micros, 1_500);
+    h.stop().await;
+}
