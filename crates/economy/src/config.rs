@@ -21,6 +21,10 @@ pub struct EconomySection {
     pub history_max_limit: u32,
     /// Most operations in one batch.
     pub max_batch_ops: usize,
+    /// Committer tasks per replica: concurrent mutations are applied in shared transactions.
+    pub committers: usize,
+    /// Most mutations one transaction takes.
+    pub max_group: usize,
 }
 
 impl Default for EconomySection {
@@ -30,6 +34,8 @@ impl Default for EconomySection {
             history_default_limit: 50,
             history_max_limit: 500,
             max_batch_ops: syntropism_contracts::economy::MAX_BATCH_OPS,
+            committers: 1,
+            max_group: 64,
         }
     }
 }
@@ -59,6 +65,16 @@ impl Validate for EconomySection {
                 "must be between 1 and {}",
                 syntropism_contracts::economy::MAX_BATCH_OPS
             ),
+        );
+        p.check(
+            (1..=64).contains(&e.committers),
+            "economy.committers",
+            "must be between 1 and 64 (each holds a database connection while it works)",
+        );
+        p.check(
+            (1..=1024).contains(&e.max_group),
+            "economy.max_group",
+            "must be between 1 and 1024",
         );
     }
 }

@@ -244,7 +244,7 @@ impl Economy {
             ops,
             correlation_id: ctx.correlation_id.clone(),
         };
-        self.store.mutate(&mutation).await
+        self.store.mutate(mutation).await
     }
 
     async fn apply_one(

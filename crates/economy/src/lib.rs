@@ -30,6 +30,10 @@ pub async fn start(config: &EconomyConfig, stop: CancellationToken) -> anyhow::R
         service.pool.clone(),
         config.service.system_shards,
         service.outbox.clone(),
+        store::CommitSettings {
+            committers: config.service.committers,
+            max_group: config.service.max_group,
+        },
     );
     let economy = Arc::new(handlers::Economy::new(store, config.service.clone()));
     handlers::register(&mut service.rpc, economy).await?;

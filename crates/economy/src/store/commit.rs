@@ -1,0 +1,638 @@
+//! Applying mutations: concurrent requests share one database transaction.
+//!
+//! Each replica runs a few committers. A committer takes the mutations waiting in the queue
+//! (up to `max_group`) and applies them in one transaction: claim their idempotency ids → lock
+//! every account row involved in (id, shard) order, then their holds in id order → let the rules
+//! apply each mutation on its own, all-or-nothing, over the shared view (one request's refusal
+//! does not touch the others) → write all rows set-based → record each outcome and enqueue the
+//! events → commit once. Under load this divides the per-transaction cost (round trips, locking,
+//! the commit's WAL flush) among the group; alone, a request costs the same as before.
+//!
+//! Mutations that open accounts, and big ones, do not queue: [`apply_alone`] runs them in a
+//! transaction of their own, concurrently with the committers (the fixed locking order makes that
+//! safe). If an opener is refused its transaction rolls back, so the rows reserved for the
+//! accounts vanish, and the refusal is recorded afterwards.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, SmallInt, Text, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use prost::Message as _;
+use rand::Rng;
+use syntropism_contracts::{AgentId, Credits, HoldId, RpcError, pb};
+use syntropism_platform::outbox;
+use syntropism_platform::sql::sql;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::rows::{AccountRow, HoldLock, HoldRow, NewId};
+use super::wire::{self, Allocation, ResponseView};
+use super::{
+    HOLD_SELECT, Inner, Mutation, db_error, is_transient, lookup, record_error, replay, unique,
+};
+use crate::errors::op_error;
+use crate::ledger::{
+    AccountRef, AccountState, BURN_ID, HoldState, Ledger, MINT_ID, Op, OpError, Payee, Plan,
+};
+
+/// A mutation waiting for a committer, and where its outcome goes.
+pub(super) struct Job {
+    pub(super) mutation: Mutation,
+    pub(super) reply: oneshot::Sender<Result<pb::BatchResponse, RpcError>>,
+}
+
+/// Runs until every sender of the queue is gone.
+pub(super) async fn committer(
+    inner: Arc<Inner>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    max_group: usize,
+) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let mut group: Vec<Job> = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match queue.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let mut keys = HashSet::from([first.mutation.idempotency_key()]);
+            group.push(first);
+            while group.len() < max_group {
+                let Ok(job) = queue.try_recv() else { break };
+                // One id appears once per group: a retry racing its original waits for the
+                // next group, where it finds the original's outcome.
+                if !keys.insert(job.mutation.idempotency_key()) {
+                    carried = Some(job);
+                    break;
+                }
+                group.push(job);
+            }
+        }
+        apply_group(&inner, group).await;
+    }
+}
+
+/// What became of one mutation in a group transaction.
+enum Outcome {
+    /// Applied or refused by the rules; recorded under its idempotency id.
+    Decided(Result<pb::BatchResponse, RpcError>),
+    /// Its idempotency id was already taken: answer from the stored outcome.
+    Known,
+}
+
+enum TxError {
+    /// An account-opening mutation was refused: roll back, then record the refusal.
+    Refused(OpError),
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(error: diesel::result::Error) -> Self {
+        TxError::Db(error)
+    }
+}
+
+async fn apply_group(inner: &Inner, group: Vec<Job>) {
+    let mutations: Vec<&Mutation> = group.iter().map(|job| &job.mutation).collect();
+    let outcomes = match inner.pool.get().await {
+        Err(error) => Err(RpcError::unavailable(format!(
+            "database unavailable: {error}"
+        ))),
+        Ok(mut conn) => match run_with_retries(inner, &mut conn, &mutations).await {
+            Ok(outcomes) => Ok(Some((conn, outcomes))),
+            // One bad request (e.g. an overflow only the database sees) must not sink the
+            // others: a failed group is retried one mutation at a time.
+            Err(_) if mutations.len() > 1 => Ok(None),
+            Err(error) => Err(error),
+        },
+    };
+    match outcomes {
+        Ok(Some((mut conn, outcomes))) => {
+            inner.outbox.notify_one();
+            for (job, outcome) in group.into_iter().zip(outcomes) {
+                let answer = match outcome {
+                    Outcome::Decided(answer) => answer,
+                    Outcome::Known => match lookup(&mut conn, &job.mutation).await {
+                        Ok(Some(stored)) => replay(stored, &job.mutation),
+                        Ok(None) => Err(RpcError::internal("idempotency record vanished")),
+                        Err(error) => Err(error),
+                    },
+                };
+                let _ = job.reply.send(answer);
+            }
+        }
+        Ok(None) => {
+            for job in group {
+                let answer = Box::pin(apply_alone(inner, &job.mutation)).await;
+                let _ = job.reply.send(answer);
+            }
+        }
+        Err(error) => {
+            for job in group {
+                let _ = job.reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+pub(super) async fn apply_alone(
+    inner: &Inner,
+    mutation: &Mutation,
+) -> Result<pb::BatchResponse, RpcError> {
+    let mut conn = inner
+        .pool
+        .get()
+        .await
+        .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))?;
+    let outcome = run_with_retries(inner, &mut conn, &[mutation]).await?.pop();
+    inner.outbox.notify_one();
+    match outcome {
+        Some(Outcome::Decided(answer)) => answer,
+        Some(Outcome::Known) => match lookup(&mut conn, mutation).await? {
+            Some(stored) => replay(stored, mutation),
+            None => Err(RpcError::internal("idempotency record vanished")),
+        },
+        None => Err(RpcError::internal("a mutation produced no outcome")),
+    }
+}
+
+async fn run_with_retries(
+    inner: &Inner,
+    conn: &mut AsyncPgConnection,
+    mutations: &[&Mutation],
+) -> Result<Vec<Outcome>, RpcError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = conn
+            .transaction::<Vec<Outcome>, TxError, _>(async |conn| {
+                group_transaction(inner, conn, mutations).await
+            })
+            .await;
+        return match result {
+            Ok(outcomes) => Ok(outcomes),
+            Err(TxError::Refused(error)) => {
+                let mutation = mutations
+                    .first()
+                    .ok_or_else(|| RpcError::internal("empty group"))?;
+                let error = op_error(&error, mutation.ops.len());
+                Ok(vec![Outcome::Decided(
+                    record_error(conn, mutation, &error).await,
+                )])
+            }
+            Err(TxError::Db(error)) if attempt < 3 && is_transient(&error) => {
+                tracing::debug!(%error, attempt, "retrying a transient database failure");
+                continue;
+            }
+            Err(TxError::Db(error)) => Err(db_error(error)),
+        };
+    }
+}
+
+/// Where one claimed mutation's rows sit in the group's combined rows.
+struct Share {
+    /// Index of the mutation in the group.
+    index: usize,
+    result: Result<Plan, OpError>,
+    transfers: std::ops::Range<usize>,
+    holds: std::ops::Range<usize>,
+}
+
+async fn group_transaction(
+    inner: &Inner,
+    conn: &mut AsyncPgConnection,
+    mutations: &[&Mutation],
+) -> Result<Vec<Outcome>, TxError> {
+    // 1. Claim the idempotency ids; an id already taken (or being taken by a transaction we now
+    // wait for) is answered from its stored outcome.
+    #[derive(diesel::QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = Text)]
+        scope: String,
+        #[diesel(sql_type = Text)]
+        key: String,
+    }
+    let claimed: Vec<Claimed> = sql(
+        "INSERT INTO idempotency (scope, key, request_hash, is_error, outcome) \
+         SELECT s, k, h, false, '' FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(s, k, h) \
+         ON CONFLICT DO NOTHING RETURNING scope, key",
+    )
+    .bind::<Array<Text>, _>(
+        mutations
+            .iter()
+            .map(|m| m.scope.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Text>, _>(
+        mutations
+            .iter()
+            .map(|m| m.key.as_str().to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Bytea>, _>(
+        mutations
+            .iter()
+            .map(|m| m.request_hash.clone())
+            .collect::<Vec<_>>(),
+    )
+    .load(conn)
+    .await?;
+    let claimed: HashSet<(String, String)> =
+        claimed.into_iter().map(|c| (c.scope, c.key)).collect();
+    let active: Vec<usize> = (0..mutations.len())
+        .filter(|&i| claimed.contains(&mutations[i].idempotency_key()))
+        .collect();
+    let mut outcomes: Vec<Option<Outcome>> = (0..mutations.len()).map(|_| None).collect();
+    if active.is_empty() {
+        return Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Known))
+            .collect());
+    }
+    let ops = || active.iter().flat_map(|&i| mutations[i].ops.iter());
+
+    // 2. Rows for accounts being opened (only ever by a mutation applied alone); invisible to
+    // the rules until the Open is reached.
+    let opening: Vec<Uuid> = unique(ops().filter_map(|op| match op {
+        Op::Open { agent } => Some(agent.as_uuid()),
+        _ => None,
+    }));
+    let reserved: HashSet<Uuid> = if opening.is_empty() {
+        HashSet::new()
+    } else {
+        #[derive(diesel::QueryableByName)]
+        struct Inserted {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            agent_id: Uuid,
+        }
+        let rows: Vec<Inserted> = sql("INSERT INTO accounts (id, kind, agent_id) \
+             SELECT nextval('agent_account_ids'), 'agent', a FROM unnest($1::uuid[]) AS a \
+             ON CONFLICT (agent_id) WHERE agent_id IS NOT NULL DO NOTHING RETURNING agent_id")
+        .bind::<Array<diesel::sql_types::Uuid>, _>(opening)
+        .load(conn)
+        .await?;
+        rows.into_iter().map(|r| r.agent_id).collect()
+    };
+
+    // 3. The holds named by posts and voids (their accounts never change, so no lock yet).
+    let hold_ids: Vec<i64> = unique(ops().filter_map(|op| op.hold().map(HoldId::get)));
+    let hold_rows: Vec<HoldRow> = if hold_ids.is_empty() {
+        Vec::new()
+    } else {
+        sql(format!("{HOLD_SELECT} WHERE h.id = ANY($1)"))
+            .bind::<Array<BigInt>, _>(hold_ids.clone())
+            .load(conn)
+            .await?
+    };
+
+    // 4. Lock every account row involved, in (id, shard) order, then the holds in id order.
+    let mut agents: Vec<Uuid> = ops().flat_map(Op::agents).map(|a| a.as_uuid()).collect();
+    agents.extend(
+        hold_rows
+            .iter()
+            .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
+    );
+    let agents = unique(agents.into_iter());
+    let (mint_shard, burn_shard) = {
+        let mut rng = rand::rng();
+        let uses_burn = ops().any(|op| op.touches(AccountRef::Burn))
+            || hold_rows.iter().any(|h| h.credit_agent.is_none());
+        let mint = if ops().any(|op| op.touches(AccountRef::Mint)) {
+            rng.random_range(0..inner.shards)
+        } else {
+            -1
+        };
+        let burn = if uses_burn {
+            rng.random_range(0..inner.shards)
+        } else {
+            -1
+        };
+        (mint, burn)
+    };
+    let locked: Vec<AccountRow> = sql(
+        "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
+         FROM accounts \
+         WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
+         ORDER BY id, shard FOR UPDATE",
+    )
+    .bind::<Array<diesel::sql_types::Uuid>, _>(agents)
+    .bind::<SmallInt, _>(mint_shard)
+    .bind::<SmallInt, _>(burn_shard)
+    .load(conn)
+    .await?;
+    let mut hold_status: HashMap<i64, String> = HashMap::new();
+    if !hold_ids.is_empty() {
+        let locks: Vec<HoldLock> =
+            sql("SELECT id, status::text AS status FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind::<Array<BigInt>, _>(hold_ids)
+                .load(conn)
+                .await?;
+        hold_status = locks.into_iter().map(|l| (l.id, l.status)).collect();
+    }
+
+    // 5. Decide, one mutation at a time over the shared view; each is all-or-nothing.
+    let mut ledger = Ledger::default();
+    let mut rows_by_agent: HashMap<AgentId, &AccountRow> = HashMap::new();
+    for row in &locked {
+        match (row.id, row.agent_id) {
+            (MINT_ID, _) => ledger.mint_balance = row.balance,
+            (BURN_ID, _) => ledger.burn_balance = row.balance,
+            (_, Some(uuid)) => {
+                let agent = AgentId::from_uuid(uuid);
+                rows_by_agent.insert(agent, row);
+                ledger.accounts.insert(
+                    agent,
+                    AccountState {
+                        id: row.id,
+                        agent,
+                        open: row.status == "open",
+                        balance: row.balance,
+                        pending: row.pending,
+                        visible: !reserved.contains(&uuid),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    for row in &hold_rows {
+        let status = hold_status
+            .get(&row.id)
+            .map(String::as_str)
+            .unwrap_or(&row.status);
+        let id = HoldId::parse(row.id).map_err(|_| diesel::result::Error::NotFound)?;
+        ledger.holds.insert(
+            id,
+            HoldState {
+                id,
+                from: AgentId::from_uuid(row.debit_agent),
+                to: row
+                    .credit_agent
+                    .map(|a| Payee::Agent(AgentId::from_uuid(a)))
+                    .unwrap_or(Payee::Burn),
+                amount: Credits::from_micros(row.amount),
+                status: wire::parse_hold_status(status),
+            },
+        );
+    }
+    let mut shares = Vec::with_capacity(active.len());
+    let (mut transfer_count, mut hold_count) = (0, 0);
+    for &index in &active {
+        let result = ledger.apply(&mutations[index].ops);
+        if let Err(error) = &result
+            && mutations[index].opens_accounts()
+        {
+            return Err(TxError::Refused(error.clone()));
+        }
+        let (transfers, holds) = match &result {
+            Ok(plan) => (plan.transfers.len(), plan.holds.len()),
+            Err(_) => (0, 0),
+        };
+        shares.push(Share {
+            index,
+            result,
+            transfers: transfer_count..transfer_count + transfers,
+            holds: hold_count..hold_count + holds,
+        });
+        transfer_count += transfers;
+        hold_count += holds;
+    }
+    let plans = || {
+        shares
+            .iter()
+            .filter_map(|s| s.result.as_ref().ok().map(|plan| (s, plan)))
+    };
+    let now = match locked.as_slice().first() {
+        Some(row) => row.now,
+        None => {
+            #[derive(diesel::QueryableByName)]
+            struct Now {
+                #[diesel(sql_type = Timestamptz)]
+                now: chrono::DateTime<chrono::Utc>,
+            }
+            sql("SELECT now() AS now")
+                .get_result::<Now>(conn)
+                .await?
+                .now
+        }
+    };
+    let account_id = |account: AccountRef| -> (i64, i16) {
+        match account {
+            AccountRef::Mint => (MINT_ID, mint_shard),
+            AccountRef::Burn => (BURN_ID, burn_shard),
+            AccountRef::Agent(agent) => (ledger.accounts[&agent].id, 0),
+        }
+    };
+    let request_key =
+        |s: &Share| format!("{}/{}", mutations[s.index].scope, mutations[s.index].key);
+
+    // 6. Write: releases first, then transfers, then new holds, then closures, so no
+    // intermediate state breaks a constraint that the final state satisfies. Inserts take their
+    // ids from the sequences and return them in order.
+    let resolutions: Vec<_> = plans()
+        .flat_map(|(_, plan)| plan.resolutions.iter())
+        .collect();
+    if !resolutions.is_empty() {
+        sql("UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = now() \
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, status, posted) WHERE h.id = r.id")
+        .bind::<Array<BigInt>, _>(resolutions.iter().map(|r| r.hold.get()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(resolutions.iter().map(|r| wire::hold_status_name(r.status)).collect::<Vec<_>>())
+        .bind::<Array<Nullable<BigInt>>, _>(resolutions.iter().map(|r| r.posted.map(Credits::micros)).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    }
+    let mut transfer_ids = Vec::new();
+    if transfer_count > 0 {
+        let mut columns = TransferColumns::with_capacity(transfer_count);
+        for (share, plan) in plans() {
+            let key = request_key(share);
+            for transfer in &plan.transfers {
+                let (debit, debit_shard) = account_id(transfer.debit);
+                let (credit, credit_shard) = account_id(transfer.credit);
+                columns.debit_ids.push(debit);
+                columns.debit_shards.push(debit_shard);
+                columns.credit_ids.push(credit);
+                columns.credit_shards.push(credit_shard);
+                columns.amounts.push(transfer.amount.micros());
+                columns.kinds.push(wire::transfer_kind_name(transfer.kind));
+                columns
+                    .reasons
+                    .push(transfer.mint_reason.map(wire::mint_reason_name));
+                columns.memos.push(transfer.memo.clone());
+                columns.holds.push(transfer.hold.map(HoldId::get));
+                columns.keys.push(key.clone());
+            }
+        }
+        let rows: Vec<NewId> = sql(
+            "WITH new AS MATERIALIZED ( \
+               SELECT nextval('transfer_ids') AS id, x.* \
+               FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::smallint[], $5::bigint[], \
+                 $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[]) WITH ORDINALITY \
+                 AS x(d, ds, c, cs, amount, kind, reason, memo, hold, request_key, ord)), \
+             written AS ( \
+               INSERT INTO transfers (id, debit_id, debit_shard, credit_id, credit_shard, amount, kind, \
+                 mint_reason, memo, hold_id, request_key, created_at) \
+               SELECT id, d, ds, c, cs, amount, kind::transfer_kind, reason::mint_reason, memo, hold, request_key, now() \
+               FROM new) \
+             SELECT id FROM new ORDER BY ord",
+        )
+        .bind::<Array<BigInt>, _>(columns.debit_ids)
+        .bind::<Array<SmallInt>, _>(columns.debit_shards)
+        .bind::<Array<BigInt>, _>(columns.credit_ids)
+        .bind::<Array<SmallInt>, _>(columns.credit_shards)
+        .bind::<Array<BigInt>, _>(columns.amounts)
+        .bind::<Array<Text>, _>(columns.kinds)
+        .bind::<Array<Nullable<Text>>, _>(columns.reasons)
+        .bind::<Array<Text>, _>(columns.memos)
+        .bind::<Array<Nullable<BigInt>>, _>(columns.holds)
+        .bind::<Array<Text>, _>(columns.keys)
+        .load(conn)
+        .await?;
+        transfer_ids = rows.into_iter().map(|r| r.id).collect();
+    }
+    let mut hold_ids = Vec::new();
+    if hold_count > 0 {
+        let burn_shards: Vec<i16> = {
+            let mut rng = rand::rng();
+            (0..hold_count)
+                .map(|_| rng.random_range(0..inner.shards))
+                .collect()
+        };
+        let (mut debits, mut credits, mut shards, mut amounts, mut memos, mut keys) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for ((share, hold), burn_shard) in plans()
+            .flat_map(|(s, plan)| plan.holds.iter().map(move |h| (s, h)))
+            .zip(burn_shards)
+        {
+            debits.push(ledger.accounts[&hold.from].id);
+            let (credit, shard) = match hold.to {
+                Payee::Agent(agent) => (ledger.accounts[&agent].id, 0),
+                Payee::Burn => (BURN_ID, burn_shard),
+            };
+            credits.push(credit);
+            shards.push(shard);
+            amounts.push(hold.amount.micros());
+            memos.push(hold.memo.clone());
+            keys.push(request_key(share));
+        }
+        let rows: Vec<NewId> = sql(
+            "WITH new AS MATERIALIZED ( \
+               SELECT nextval('hold_ids') AS id, x.* \
+               FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::text[], $6::text[]) \
+                 WITH ORDINALITY AS x(d, c, cs, amount, memo, request_key, ord)), \
+             written AS ( \
+               INSERT INTO holds (id, debit_id, credit_id, credit_shard, amount, memo, request_key, created_at) \
+               SELECT id, d, c, cs, amount, memo, request_key, now() FROM new) \
+             SELECT id FROM new ORDER BY ord",
+        )
+        .bind::<Array<BigInt>, _>(debits)
+        .bind::<Array<BigInt>, _>(credits)
+        .bind::<Array<SmallInt>, _>(shards)
+        .bind::<Array<BigInt>, _>(amounts)
+        .bind::<Array<Text>, _>(memos)
+        .bind::<Array<Text>, _>(keys)
+        .load(conn)
+        .await?;
+        hold_ids = rows.into_iter().map(|r| r.id).collect();
+    }
+    let closed: Vec<Uuid> = plans()
+        .flat_map(|(_, plan)| plan.closed.iter().map(|a| a.as_uuid()))
+        .collect();
+    if !closed.is_empty() {
+        sql("UPDATE accounts SET status = 'closed', closed_at = now() WHERE shard = 0 AND agent_id = ANY($1)")
+            .bind::<Array<diesel::sql_types::Uuid>, _>(closed)
+            .execute(conn)
+            .await?;
+    }
+
+    // 7. Each mutation's outcome and events; outcomes recorded and events enqueued together.
+    let mut events = Vec::new();
+    let (mut scopes, mut keys, mut errors, mut bodies) = (vec![], vec![], vec![], vec![]);
+    for share in &shares {
+        let mutation = mutations[share.index];
+        let answer = match &share.result {
+            Ok(plan) => {
+                let allocation = Allocation {
+                    now,
+                    transfer_ids: transfer_ids[share.transfers.clone()].to_vec(),
+                    hold_ids: hold_ids[share.holds.clone()].to_vec(),
+                };
+                let view = ResponseView {
+                    plan,
+                    ledger: &ledger,
+                    rows: &rows_by_agent,
+                    holds: &hold_rows,
+                    allocation: &allocation,
+                };
+                events.extend(view.events(&mutation.correlation_id, mutation.key.as_str()));
+                Ok(view.response())
+            }
+            Err(error) => Err(op_error(error, mutation.ops.len())),
+        };
+        scopes.push(mutation.scope.clone());
+        keys.push(mutation.key.as_str().to_owned());
+        match &answer {
+            Ok(response) => {
+                errors.push(false);
+                bodies.push(response.encode_to_vec());
+            }
+            Err(error) => {
+                errors.push(true);
+                bodies.push(error.to_proto().encode_to_vec());
+            }
+        }
+        outcomes[share.index] = Some(Outcome::Decided(answer));
+    }
+    let record = sql("UPDATE idempotency i SET is_error = x.e, outcome = x.o \
+         FROM unnest($1::text[], $2::text[], $3::bool[], $4::bytea[]) AS x(s, k, e, o) \
+         WHERE i.scope = x.s AND i.key = x.k")
+    .bind::<Array<Text>, _>(scopes)
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Bool>, _>(errors)
+    .bind::<Array<Bytea>, _>(bodies);
+    let shared: &AsyncPgConnection = conn;
+    futures::try_join!(
+        record.execute(&mut &*shared),
+        outbox::insert(&events).execute(&mut &*shared)
+    )?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Known))
+        .collect())
+}
+
+/// The columns of the transfers insert.
+struct TransferColumns {
+    debit_ids: Vec<i64>,
+    debit_shards: Vec<i16>,
+    credit_ids: Vec<i64>,
+    credit_shards: Vec<i16>,
+    amounts: Vec<i64>,
+    kinds: Vec<&'static str>,
+    reasons: Vec<Option<&'static str>>,
+    memos: Vec<String>,
+    holds: Vec<Option<i64>>,
+    keys: Vec<String>,
+}
+
+impl TransferColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            debit_ids: Vec::with_capacity(n),
+            debit_shards: Vec::with_capacity(n),
+            credit_ids: Vec::with_capacity(n),
+            credit_shards: Vec::with_capacity(n),
+            amounts: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+            memos: Vec::with_capacity(n),
+            holds: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+        }
+    }
+}
