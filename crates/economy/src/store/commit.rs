@@ -208,8 +208,43 @@ async fn group_transaction(
     conn: &mut AsyncPgConnection,
     mutations: &[&Mutation],
 ) -> Result<Vec<Outcome>, TxError> {
-    // 1. Claim the idempotency ids; an id already taken (or being taken by a transaction we now
-    // wait for) is answered from its stored outcome.
+    // 1. Claim the idempotency ids (an id already taken, or being taken by a transaction we
+    // then wait for, is answered from its stored outcome); insert the rows of accounts being
+    // opened (invisible to the rules until their Open is reached); read the holds named by
+    // posts and voids (their accounts never change, so no lock yet). All in one round trip.
+    // When nothing needs reading first, the account lock rides along too. Statements run in
+    // the order sent, so the claim still precedes the lock: a retry waits for its original
+    // before taking any row lock.
+    let all_ops = || mutations.iter().flat_map(|m| m.ops.iter());
+    let opening: Vec<Uuid> = unique(all_ops().filter_map(|op| match op {
+        Op::Open { agent } => Some(agent.as_uuid()),
+        _ => None,
+    }));
+    let hold_ids: Vec<i64> = unique(all_ops().filter_map(|op| op.hold().map(HoldId::get)));
+    let (mint_shard, burn_shard) = {
+        let mut rng = rand::rng();
+        let uses_burn = all_ops().any(|op| op.touches(AccountRef::Burn) || op.hold().is_some());
+        let mint = if all_ops().any(|op| op.touches(AccountRef::Mint)) {
+            rng.random_range(0..inner.shards)
+        } else {
+            -1
+        };
+        let burn = if uses_burn {
+            rng.random_range(0..inner.shards)
+        } else {
+            -1
+        };
+        (mint, burn)
+    };
+    let lock = |agents: Vec<Uuid>| {
+        sql("SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
+             FROM accounts \
+             WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
+             ORDER BY id, shard FOR UPDATE")
+        .bind::<Array<diesel::sql_types::Uuid>, _>(agents)
+        .bind::<SmallInt, _>(mint_shard)
+        .bind::<SmallInt, _>(burn_shard)
+    };
     #[derive(diesel::QueryableByName)]
     struct Claimed {
         #[diesel(sql_type = Text)]
@@ -217,7 +252,12 @@ async fn group_transaction(
         #[diesel(sql_type = Text)]
         key: String,
     }
-    let claimed: Vec<Claimed> = sql(
+    #[derive(diesel::QueryableByName)]
+    struct Inserted {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        agent_id: Uuid,
+    }
+    let claim = sql(
         "INSERT INTO idempotency (scope, key, request_hash, is_error, outcome) \
          SELECT s, k, h, false, '' FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(s, k, h) \
          ON CONFLICT DO NOTHING RETURNING scope, key",
@@ -239,9 +279,50 @@ async fn group_transaction(
             .iter()
             .map(|m| m.request_hash.clone())
             .collect::<Vec<_>>(),
-    )
-    .load(conn)
-    .await?;
+    );
+    let shared: &AsyncPgConnection = conn;
+    let (claimed, reserved, hold_rows, locked): (
+        Vec<Claimed>,
+        HashSet<Uuid>,
+        Vec<HoldRow>,
+        Option<Vec<AccountRow>>,
+    ) = if opening.is_empty() && hold_ids.is_empty() {
+        let agents = unique(all_ops().flat_map(Op::agents).map(|a| a.as_uuid()));
+        let (claimed, locked) = futures::try_join!(
+            claim.load::<Claimed>(&mut &*shared),
+            lock(agents).load::<AccountRow>(&mut &*shared)
+        )?;
+        (claimed, HashSet::new(), Vec::new(), Some(locked))
+    } else {
+        let inserted = async {
+            if opening.is_empty() {
+                return Ok(Vec::new());
+            }
+            sql("INSERT INTO accounts (id, kind, agent_id) \
+                     SELECT nextval('agent_account_ids'), 'agent', a FROM unnest($1::uuid[]) AS a \
+                     ON CONFLICT (agent_id) WHERE agent_id IS NOT NULL DO NOTHING RETURNING agent_id")
+                .bind::<Array<diesel::sql_types::Uuid>, _>(opening.clone())
+                .load::<Inserted>(&mut &*shared)
+                .await
+        };
+        let holds = async {
+            if hold_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            sql(format!("{HOLD_SELECT} WHERE h.id = ANY($1)"))
+                .bind::<Array<BigInt>, _>(hold_ids.clone())
+                .load::<HoldRow>(&mut &*shared)
+                .await
+        };
+        let (claimed, inserted, hold_rows) =
+            futures::try_join!(claim.load::<Claimed>(&mut &*shared), inserted, holds)?;
+        (
+            claimed,
+            inserted.into_iter().map(|r| r.agent_id).collect(),
+            hold_rows,
+            None,
+        )
+    };
     let claimed: HashSet<(String, String)> =
         claimed.into_iter().map(|c| (c.scope, c.key)).collect();
     let active: Vec<usize> = (0..mutations.len())
@@ -254,77 +335,26 @@ async fn group_transaction(
             .map(|o| o.unwrap_or(Outcome::Known))
             .collect());
     }
-    let ops = || active.iter().flat_map(|&i| mutations[i].ops.iter());
 
-    // 2. Rows for accounts being opened (only ever by a mutation applied alone); invisible to
-    // the rules until the Open is reached.
-    let opening: Vec<Uuid> = unique(ops().filter_map(|op| match op {
-        Op::Open { agent } => Some(agent.as_uuid()),
-        _ => None,
-    }));
-    let reserved: HashSet<Uuid> = if opening.is_empty() {
-        HashSet::new()
-    } else {
-        #[derive(diesel::QueryableByName)]
-        struct Inserted {
-            #[diesel(sql_type = diesel::sql_types::Uuid)]
-            agent_id: Uuid,
+    // 2. Otherwise lock every account row involved, in (id, shard) order, then the holds in id
+    // order.
+    let locked = match locked {
+        Some(locked) => locked,
+        None => {
+            let mut agents: Vec<Uuid> = all_ops()
+                .flat_map(Op::agents)
+                .map(|a| a.as_uuid())
+                .collect();
+            agents.extend(
+                hold_rows
+                    .iter()
+                    .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
+            );
+            lock(unique(agents.into_iter()))
+                .load::<AccountRow>(conn)
+                .await?
         }
-        let rows: Vec<Inserted> = sql("INSERT INTO accounts (id, kind, agent_id) \
-             SELECT nextval('agent_account_ids'), 'agent', a FROM unnest($1::uuid[]) AS a \
-             ON CONFLICT (agent_id) WHERE agent_id IS NOT NULL DO NOTHING RETURNING agent_id")
-        .bind::<Array<diesel::sql_types::Uuid>, _>(opening)
-        .load(conn)
-        .await?;
-        rows.into_iter().map(|r| r.agent_id).collect()
     };
-
-    // 3. The holds named by posts and voids (their accounts never change, so no lock yet).
-    let hold_ids: Vec<i64> = unique(ops().filter_map(|op| op.hold().map(HoldId::get)));
-    let hold_rows: Vec<HoldRow> = if hold_ids.is_empty() {
-        Vec::new()
-    } else {
-        sql(format!("{HOLD_SELECT} WHERE h.id = ANY($1)"))
-            .bind::<Array<BigInt>, _>(hold_ids.clone())
-            .load(conn)
-            .await?
-    };
-
-    // 4. Lock every account row involved, in (id, shard) order, then the holds in id order.
-    let mut agents: Vec<Uuid> = ops().flat_map(Op::agents).map(|a| a.as_uuid()).collect();
-    agents.extend(
-        hold_rows
-            .iter()
-            .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
-    );
-    let agents = unique(agents.into_iter());
-    let (mint_shard, burn_shard) = {
-        let mut rng = rand::rng();
-        let uses_burn = ops().any(|op| op.touches(AccountRef::Burn))
-            || hold_rows.iter().any(|h| h.credit_agent.is_none());
-        let mint = if ops().any(|op| op.touches(AccountRef::Mint)) {
-            rng.random_range(0..inner.shards)
-        } else {
-            -1
-        };
-        let burn = if uses_burn {
-            rng.random_range(0..inner.shards)
-        } else {
-            -1
-        };
-        (mint, burn)
-    };
-    let locked: Vec<AccountRow> = sql(
-        "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
-         FROM accounts \
-         WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
-         ORDER BY id, shard FOR UPDATE",
-    )
-    .bind::<Array<diesel::sql_types::Uuid>, _>(agents)
-    .bind::<SmallInt, _>(mint_shard)
-    .bind::<SmallInt, _>(burn_shard)
-    .load(conn)
-    .await?;
     let mut hold_status: HashMap<i64, String> = HashMap::new();
     if !hold_ids.is_empty() {
         let locks: Vec<HoldLock> =
@@ -335,7 +365,7 @@ async fn group_transaction(
         hold_status = locks.into_iter().map(|l| (l.id, l.status)).collect();
     }
 
-    // 5. Decide, one mutation at a time over the shared view; each is all-or-nothing.
+    // 3. Decide, one mutation at a time over the shared view; each is all-or-nothing.
     let mut ledger = Ledger::default();
     let mut rows_by_agent: HashMap<AgentId, &AccountRow> = HashMap::new();
     for row in &locked {
@@ -431,7 +461,7 @@ async fn group_transaction(
     let request_key =
         |s: &Share| format!("{}/{}", mutations[s.index].scope, mutations[s.index].key);
 
-    // 6. Write: releases first, then transfers, then new holds, then closures, so no
+    // 4. Write: releases first, then transfers, then new holds, then closures, so no
     // intermediate state breaks a constraint that the final state satisfies. Inserts take their
     // ids from the sequences and return them in order.
     let resolutions: Vec<_> = plans()
@@ -497,23 +527,14 @@ async fn group_transaction(
     }
     let mut hold_ids = Vec::new();
     if hold_count > 0 {
-        let burn_shards: Vec<i16> = {
-            let mut rng = rand::rng();
-            (0..hold_count)
-                .map(|_| rng.random_range(0..inner.shards))
-                .collect()
-        };
         let (mut debits, mut credits, mut shards, mut amounts, mut memos, mut keys) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for ((share, hold), burn_shard) in plans()
-            .flat_map(|(s, plan)| plan.holds.iter().map(move |h| (s, h)))
-            .zip(burn_shards)
-        {
+        for (share, hold) in plans().flat_map(|(s, plan)| plan.holds.iter().map(move |h| (s, h))) {
             debits.push(ledger.accounts[&hold.from].id);
-            let (credit, shard) = match hold.to {
-                Payee::Agent(agent) => (ledger.accounts[&agent].id, 0),
-                Payee::Burn => (BURN_ID, burn_shard),
-            };
+            // The credit account's row is checked by a foreign key, which share-locks it: it
+            // must be a row this transaction already locked (for burn: its burn shard), or the
+            // locking order breaks and concurrent transactions can deadlock.
+            let (credit, shard) = account_id(hold.to.into());
             credits.push(credit);
             shards.push(shard);
             amounts.push(hold.amount.micros());
@@ -550,7 +571,7 @@ async fn group_transaction(
             .await?;
     }
 
-    // 7. Each mutation's outcome and events; outcomes recorded and events enqueued together.
+    // 5. Each mutation's outcome and events; outcomes recorded and events enqueued together.
     let mut events = Vec::new();
     let (mut scopes, mut keys, mut errors, mut bodies) = (vec![], vec![], vec![], vec![]);
     for share in &shares {
