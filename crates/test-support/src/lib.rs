@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
+pub mod otlp;
+
+pub use otlp::OtlpCollector;
+
 /// The command that installs and starts everything tests need.
 pub const SETUP_HINT: &str =
     "run `scripts/setup.sh` (installs and starts PostgreSQL and nats-server)";
