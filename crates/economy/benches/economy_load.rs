@@ -39,6 +39,8 @@ const AGENTS: usize = 10_000;
 const CONNECTIONS: usize = 4;
 
 struct Row {
+    /// Mean mutations per database transaction, and mean time per transaction, in this step.
+    grouping: Option<(f64, f64)>,
     workload: String,
     clients: usize,
     per_second: f64,
@@ -156,6 +158,44 @@ where
     (done as f64 / elapsed, histogram)
 }
 
+/// Sum and count of a summary metric from the service's `/metrics`.
+async fn scrape(address: std::net::SocketAddr, metric: &str) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
+        return (0.0, 0.0);
+    };
+    let _ = stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{metric}_{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count"))
+}
+
+/// Mean group size and mean group commit time (ms) since `before`.
+async fn grouping_since(
+    address: std::net::SocketAddr,
+    before: &mut [(f64, f64); 2],
+) -> Option<(f64, f64)> {
+    let size = scrape(address, "syntropism_economy_group_size").await;
+    let time = scrape(address, "syntropism_economy_commit_seconds").await;
+    let groups = size.1 - before[0].1;
+    let result = (groups > 0.0).then(|| {
+        (
+            (size.0 - before[0].0) / groups,
+            (time.0 - before[1].0) / (time.1 - before[1].1) * 1000.0,
+        )
+    });
+    *before = [size, time];
+    result
+}
+
 fn pgbench_binary() -> String {
     for candidate in ["/usr/lib/postgresql/15/bin/pgbench", "/usr/bin/pgbench"] {
         if std::path::Path::new(candidate).exists() {
@@ -212,6 +252,10 @@ async fn main() {
     let batch_clients = clients_from_env("BENCH_BATCH_CLIENTS", BATCH_CLIENTS);
     let nats = Nats::start();
     let pg = Postgres::fresh_database().await;
+    let metrics_address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_economy"))
         .env("SYNTROPISM__NATS__URL", nats.url())
         .env(
@@ -219,7 +263,7 @@ async fn main() {
             pg.url_for("economy", "economy"),
         )
         .env("SYNTROPISM__DATABASE__ADMIN_URL", pg.admin_url())
-        .env("SYNTROPISM__HTTP__ENABLED", "false")
+        .env("SYNTROPISM__HTTP__LISTEN", metrics_address.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -246,6 +290,8 @@ async fn main() {
     eprintln!("setting up {AGENTS} funded accounts…");
     let agents = Arc::new(setup(&clients[0]).await);
     let mut rows = Vec::new();
+    let mut counters = [(0.0, 0.0); 2];
+    grouping_since(metrics_address, &mut counters).await;
 
     for &concurrency in &single_clients {
         eprintln!("single transfers, {concurrency} clients, {seconds} s…");
@@ -264,6 +310,7 @@ async fn main() {
         })
         .await;
         rows.push(Row {
+            grouping: grouping_since(metrics_address, &mut counters).await,
             workload: "economy: single transfer".into(),
             clients: concurrency,
             per_second: rate,
@@ -302,6 +349,7 @@ async fn main() {
         )
         .await;
         rows.push(Row {
+            grouping: None,
             workload: format!("economy: batch of {BATCH_SIZE} transfers"),
             clients: concurrency,
             per_second: rate,
@@ -339,6 +387,7 @@ async fn main() {
         let (tps, latency_ms) = pgbench(&pgbench_db.admin_url(), concurrency, seconds);
         pgbench_tps.push((concurrency, tps));
         rows.push(Row {
+            grouping: None,
             workload: "pgbench -N (simple-update)".into(),
             clients: concurrency,
             per_second: tps,
@@ -351,18 +400,23 @@ async fn main() {
     service.start_kill().ok();
 
     println!();
-    println!("| workload | clients | throughput | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| workload | clients | throughput | p50 ms | p99 ms | per transaction |");
+    println!("|---|---:|---:|---:|---:|---|");
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
     for row in &rows {
+        let grouping = match row.grouping {
+            Some((size, ms)) => format!("{size:.1} requests, {ms:.2} ms"),
+            None => "–".into(),
+        };
         println!(
-            "| {} | {} | {:.0} {} | {} | {} |",
+            "| {} | {} | {:.0} {} | {} | {} | {} |",
             row.workload,
             row.clients,
             row.per_second,
             row.unit,
             ms(row.p50_ms),
-            ms(row.p99_ms)
+            ms(row.p99_ms),
+            grouping
         );
     }
     println!();

@@ -98,6 +98,8 @@ impl From<diesel::result::Error> for TxError {
 }
 
 async fn apply_group(inner: &Inner, group: Vec<Job>) {
+    let started = std::time::Instant::now();
+    metrics::histogram!("syntropism_economy_group_size").record(group.len() as f64);
     let mutations: Vec<&Mutation> = group.iter().map(|job| &job.mutation).collect();
     let outcomes = match inner.pool.get().await {
         Err(error) => Err(RpcError::unavailable(format!(
@@ -138,6 +140,8 @@ async fn apply_group(inner: &Inner, group: Vec<Job>) {
             }
         }
     }
+    metrics::histogram!("syntropism_economy_commit_seconds")
+        .record(started.elapsed().as_secs_f64());
 }
 
 pub(super) async fn apply_alone(
