@@ -91,17 +91,6 @@ impl Credits {
         self.0
     }
 
-    /// A strictly positive amount, as every transfer, hold and mint needs.
-    pub fn positive(micros: i64, field: &'static str) -> Result<Self, IdError> {
-        if micros <= 0 {
-            return Err(IdError::new(
-                field,
-                format!("amount must be > 0 micro-credits, got {micros}"),
-            ));
-        }
-        Ok(Self(micros))
-    }
-
     pub fn checked_add(self, other: Credits) -> Option<Credits> {
         self.0.checked_add(other.0).map(Credits)
     }
@@ -163,11 +152,6 @@ impl IdempotencyId {
         Ok(Self(value.to_owned()))
     }
 
-    /// A fresh random id, for callers that do not need to retry.
-    pub fn random() -> Self {
-        Self(Uuid::now_v7().to_string())
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -211,11 +195,6 @@ row_id!(
     HoldId,
     "hold_id"
 );
-row_id!(
-    /// An immutable ledger row.
-    TransferId,
-    "transfer_id"
-);
 
 #[cfg(test)]
 mod tests {
@@ -238,8 +217,6 @@ mod tests {
             None
         );
         assert_eq!(Credits::from_credits(i64::MAX / 1000), None);
-        assert!(Credits::positive(0, "amount").is_err());
-        assert!(Credits::positive(-5, "amount").is_err());
     }
 
     #[test]

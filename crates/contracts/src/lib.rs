@@ -25,5 +25,5 @@ pub mod pb {
 }
 
 pub use error::{ErrorCode, RpcError};
-pub use ids::{AgentId, Credits, HoldId, IdError, IdempotencyId, TransferId};
+pub use ids::{AgentId, Credits, HoldId, IdError, IdempotencyId};
 pub use rpc::{Endpoint, Method, RequestContext, RpcClient, RpcServer, Scope};

@@ -20,11 +20,3 @@ pub mod economy_events {
     pub const HOLDS_PLACED: &str = "events.economy.holds_placed";
     pub const HOLDS_RESOLVED: &str = "events.economy.holds_resolved";
 }
-
-/// Whether `token` can stand as one NATS subject token (no wildcards, separators or spaces).
-pub fn is_valid_token(token: &str) -> bool {
-    !token.is_empty()
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>'))
-}

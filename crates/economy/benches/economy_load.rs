@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use syntropism_contracts::economy::internal;
 use syntropism_contracts::{AgentId, RpcClient, pb};
-use syntropism_test_support::{Nats, Postgres};
+use syntropism_test_support::{Nats, Postgres, http_get};
 use tokio::sync::Mutex;
 
 /// Client counts, overridable with `BENCH_SINGLE_CLIENTS` / `BENCH_BATCH_CLIENTS` ("1,8,64").
@@ -160,15 +160,10 @@ where
 
 /// Sum and count of a summary metric from the service's `/metrics`.
 async fn scrape(address: std::net::SocketAddr, metric: &str) -> (f64, f64) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
-        return (0.0, 0.0);
-    };
-    let _ = stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text).await;
+    let text = http_get(address, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     let value = |suffix: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(&format!("{metric}_{suffix} ")))

@@ -8,8 +8,7 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use syntropism_contracts::{events, pb, rpc_method};
 use syntropism_platform::outbox::{self, PendingEvent};
 use syntropism_platform::{PlatformConfig, Service};
-use syntropism_test_support::{Nats, Postgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use syntropism_test_support::{Nats, Postgres, http_get};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -70,31 +69,6 @@ async fn stream_messages(nats: &async_nats::Client) -> u64 {
         .unwrap()
         .state
         .messages
-}
-
-async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("http connects");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,15 +299,15 @@ async fn health_readiness_and_metrics_are_served_over_http() {
     let client = service.client();
     let task = tokio::spawn(service.run());
 
-    assert_eq!(http_get(address, "/healthz").await.0, 200);
-    let (status, body) = http_get(address, "/readyz").await;
+    assert_eq!(http_get(address, "/healthz").await.unwrap().0, 200);
+    let (status, body) = http_get(address, "/readyz").await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("nats: ok") && body.contains("postgres: ok"),
         "{body}"
     );
     client.call::<Ping>(&pb::AuditRequest {}).await.unwrap();
-    let (status, body) = http_get(address, "/metrics").await;
+    let (status, body) = http_get(address, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("syntropism_rpc_requests_total"), "{body}");
     assert!(body.contains("demo.ping"), "{body}");

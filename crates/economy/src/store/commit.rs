@@ -85,6 +85,23 @@ enum Outcome {
     Known,
 }
 
+impl Outcome {
+    /// The reply: the decision, or the stored outcome of the id's first use.
+    async fn answer(
+        self,
+        conn: &mut AsyncPgConnection,
+        mutation: &Mutation,
+    ) -> Result<pb::BatchResponse, RpcError> {
+        match self {
+            Outcome::Decided(answer) => answer,
+            Outcome::Known => match lookup(conn, mutation).await? {
+                Some(stored) => replay(stored, mutation),
+                None => Err(RpcError::internal("idempotency record vanished")),
+            },
+        }
+    }
+}
+
 enum TxError {
     /// An account-opening mutation was refused: roll back, then record the refusal.
     Refused(OpError),
@@ -117,14 +134,7 @@ async fn apply_group(inner: &Inner, group: Vec<Job>) {
         Ok(Some((mut conn, outcomes))) => {
             inner.outbox.notify_one();
             for (job, outcome) in group.into_iter().zip(outcomes) {
-                let answer = match outcome {
-                    Outcome::Decided(answer) => answer,
-                    Outcome::Known => match lookup(&mut conn, &job.mutation).await {
-                        Ok(Some(stored)) => replay(stored, &job.mutation),
-                        Ok(None) => Err(RpcError::internal("idempotency record vanished")),
-                        Err(error) => Err(error),
-                    },
-                };
+                let answer = outcome.answer(&mut conn, &job.mutation).await;
                 let _ = job.reply.send(answer);
             }
         }
@@ -156,11 +166,7 @@ pub(super) async fn apply_alone(
     let outcome = run_with_retries(inner, &mut conn, &[mutation]).await?.pop();
     inner.outbox.notify_one();
     match outcome {
-        Some(Outcome::Decided(answer)) => answer,
-        Some(Outcome::Known) => match lookup(&mut conn, mutation).await? {
-            Some(stored) => replay(stored, mutation),
-            None => Err(RpcError::internal("idempotency record vanished")),
-        },
+        Some(outcome) => outcome.answer(&mut conn, mutation).await,
         None => Err(RpcError::internal("a mutation produced no outcome")),
     }
 }
