@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, SmallInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use prost::Message as _;
 use rand::Rng;
@@ -26,7 +26,7 @@ use syntropism_platform::sql::sql;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::rows::{AccountRow, HoldLock, HoldRow, NewId};
+use super::rows::{AccountRow, Allocated, HoldLock, HoldRow};
 use super::wire::{self, Allocation, ResponseView};
 use super::{
     HOLD_SELECT, Inner, Mutation, db_error, is_transient, lookup, record_error, replay, unique,
@@ -247,7 +247,7 @@ async fn group_transaction(
         (mint, burn)
     };
     let lock = |agents: Vec<Uuid>| {
-        sql("SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
+        sql("SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
              FROM accounts \
              WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
              ORDER BY id, shard FOR UPDATE")
@@ -290,19 +290,38 @@ async fn group_transaction(
             .map(|m| m.request_hash.clone())
             .collect::<Vec<_>>(),
     );
+    // Ids for the rows this group may write (at most one transfer per transfer, mint, post or
+    // close; one hold per hold) and the transaction's timestamp, so that replies and the writes
+    // can be built before anything is written. Ids a refused operation does not use are gaps.
+    let transfer_slots = all_ops()
+        .filter(|op| {
+            matches!(
+                op,
+                Op::Transfer { .. } | Op::Mint { .. } | Op::Post { .. } | Op::Close { .. }
+            )
+        })
+        .count();
+    let hold_slots = all_ops().filter(|op| matches!(op, Op::Hold { .. })).count();
+    let allocate = sql("SELECT now() AS now, \
+           array(SELECT nextval('transfer_ids') FROM generate_series(1, $1)) AS transfer_ids, \
+           array(SELECT nextval('hold_ids') FROM generate_series(1, $2)) AS hold_ids")
+    .bind::<BigInt, _>(transfer_slots as i64)
+    .bind::<BigInt, _>(hold_slots as i64);
     let shared: &AsyncPgConnection = conn;
-    let (claimed, reserved, hold_rows, locked): (
+    let (claimed, reserved, hold_rows, locked, allocated): (
         Vec<Claimed>,
         HashSet<Uuid>,
         Vec<HoldRow>,
         Option<Vec<AccountRow>>,
+        Allocated,
     ) = if opening.is_empty() && hold_ids.is_empty() {
         let agents = unique(all_ops().flat_map(Op::agents).map(|a| a.as_uuid()));
-        let (claimed, locked) = futures::try_join!(
+        let (claimed, locked, allocated) = futures::try_join!(
             claim.load::<Claimed>(&mut &*shared),
-            lock(agents).load::<AccountRow>(&mut &*shared)
+            lock(agents).load::<AccountRow>(&mut &*shared),
+            allocate.get_result::<Allocated>(&mut &*shared),
         )?;
-        (claimed, HashSet::new(), Vec::new(), Some(locked))
+        (claimed, HashSet::new(), Vec::new(), Some(locked), allocated)
     } else {
         let inserted = async {
             if opening.is_empty() {
@@ -324,13 +343,18 @@ async fn group_transaction(
                 .load::<HoldRow>(&mut &*shared)
                 .await
         };
-        let (claimed, inserted, hold_rows) =
-            futures::try_join!(claim.load::<Claimed>(&mut &*shared), inserted, holds)?;
+        let (claimed, inserted, hold_rows, allocated) = futures::try_join!(
+            claim.load::<Claimed>(&mut &*shared),
+            inserted,
+            holds,
+            allocate.get_result::<Allocated>(&mut &*shared),
+        )?;
         (
             claimed,
             inserted.into_iter().map(|r| r.agent_id).collect(),
             hold_rows,
             None,
+            allocated,
         )
     };
     let claimed: HashSet<(String, String)> =
@@ -447,20 +471,7 @@ async fn group_transaction(
             .iter()
             .filter_map(|s| s.result.as_ref().ok().map(|plan| (s, plan)))
     };
-    let now = match locked.as_slice().first() {
-        Some(row) => row.now,
-        None => {
-            #[derive(diesel::QueryableByName)]
-            struct Now {
-                #[diesel(sql_type = Timestamptz)]
-                now: chrono::DateTime<chrono::Utc>,
-            }
-            sql("SELECT now() AS now")
-                .get_result::<Now>(conn)
-                .await?
-                .now
-        }
-    };
+    let now = allocated.now;
     let account_id = |account: AccountRef| -> (i64, i16) {
         match account {
             AccountRef::Mint => (MINT_ID, mint_shard),
@@ -471,117 +482,9 @@ async fn group_transaction(
     let request_key =
         |s: &Share| format!("{}/{}", mutations[s.index].scope, mutations[s.index].key);
 
-    // 4. Write: releases first, then transfers, then new holds, then closures, so no
-    // intermediate state breaks a constraint that the final state satisfies. Inserts take their
-    // ids from the sequences and return them in order.
-    let resolutions: Vec<_> = plans()
-        .flat_map(|(_, plan)| plan.resolutions.iter())
-        .collect();
-    if !resolutions.is_empty() {
-        sql("UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = now() \
-             FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, status, posted) WHERE h.id = r.id")
-        .bind::<Array<BigInt>, _>(resolutions.iter().map(|r| r.hold.get()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(resolutions.iter().map(|r| wire::hold_status_name(r.status)).collect::<Vec<_>>())
-        .bind::<Array<Nullable<BigInt>>, _>(resolutions.iter().map(|r| r.posted.map(Credits::micros)).collect::<Vec<_>>())
-        .execute(conn)
-        .await?;
-    }
-    let mut transfer_ids = Vec::new();
-    if transfer_count > 0 {
-        let mut columns = TransferColumns::with_capacity(transfer_count);
-        for (share, plan) in plans() {
-            let key = request_key(share);
-            for transfer in &plan.transfers {
-                let (debit, debit_shard) = account_id(transfer.debit);
-                let (credit, credit_shard) = account_id(transfer.credit);
-                columns.debit_ids.push(debit);
-                columns.debit_shards.push(debit_shard);
-                columns.credit_ids.push(credit);
-                columns.credit_shards.push(credit_shard);
-                columns.amounts.push(transfer.amount.micros());
-                columns.kinds.push(wire::transfer_kind_name(transfer.kind));
-                columns
-                    .reasons
-                    .push(transfer.mint_reason.map(wire::mint_reason_name));
-                columns.memos.push(transfer.memo.clone());
-                columns.holds.push(transfer.hold.map(HoldId::get));
-                columns.keys.push(key.clone());
-            }
-        }
-        let rows: Vec<NewId> = sql(
-            "WITH new AS MATERIALIZED ( \
-               SELECT nextval('transfer_ids') AS id, x.* \
-               FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::smallint[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[]) WITH ORDINALITY \
-                 AS x(d, ds, c, cs, amount, kind, reason, memo, hold, request_key, ord)), \
-             written AS ( \
-               INSERT INTO transfers (id, debit_id, debit_shard, credit_id, credit_shard, amount, kind, \
-                 mint_reason, memo, hold_id, request_key, created_at) \
-               SELECT id, d, ds, c, cs, amount, kind::transfer_kind, reason::mint_reason, memo, hold, request_key, now() \
-               FROM new) \
-             SELECT id FROM new ORDER BY ord",
-        )
-        .bind::<Array<BigInt>, _>(columns.debit_ids)
-        .bind::<Array<SmallInt>, _>(columns.debit_shards)
-        .bind::<Array<BigInt>, _>(columns.credit_ids)
-        .bind::<Array<SmallInt>, _>(columns.credit_shards)
-        .bind::<Array<BigInt>, _>(columns.amounts)
-        .bind::<Array<Text>, _>(columns.kinds)
-        .bind::<Array<Nullable<Text>>, _>(columns.reasons)
-        .bind::<Array<Text>, _>(columns.memos)
-        .bind::<Array<Nullable<BigInt>>, _>(columns.holds)
-        .bind::<Array<Text>, _>(columns.keys)
-        .load(conn)
-        .await?;
-        transfer_ids = rows.into_iter().map(|r| r.id).collect();
-    }
-    let mut hold_ids = Vec::new();
-    if hold_count > 0 {
-        let (mut debits, mut credits, mut shards, mut amounts, mut memos, mut keys) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for (share, hold) in plans().flat_map(|(s, plan)| plan.holds.iter().map(move |h| (s, h))) {
-            debits.push(ledger.accounts[&hold.from].id);
-            // The credit account's row is checked by a foreign key, which share-locks it: it
-            // must be a row this transaction already locked (for burn: its burn shard), or the
-            // locking order breaks and concurrent transactions can deadlock.
-            let (credit, shard) = account_id(hold.to.into());
-            credits.push(credit);
-            shards.push(shard);
-            amounts.push(hold.amount.micros());
-            memos.push(hold.memo.clone());
-            keys.push(request_key(share));
-        }
-        let rows: Vec<NewId> = sql(
-            "WITH new AS MATERIALIZED ( \
-               SELECT nextval('hold_ids') AS id, x.* \
-               FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::text[], $6::text[]) \
-                 WITH ORDINALITY AS x(d, c, cs, amount, memo, request_key, ord)), \
-             written AS ( \
-               INSERT INTO holds (id, debit_id, credit_id, credit_shard, amount, memo, request_key, created_at) \
-               SELECT id, d, c, cs, amount, memo, request_key, now() FROM new) \
-             SELECT id FROM new ORDER BY ord",
-        )
-        .bind::<Array<BigInt>, _>(debits)
-        .bind::<Array<BigInt>, _>(credits)
-        .bind::<Array<SmallInt>, _>(shards)
-        .bind::<Array<BigInt>, _>(amounts)
-        .bind::<Array<Text>, _>(memos)
-        .bind::<Array<Text>, _>(keys)
-        .load(conn)
-        .await?;
-        hold_ids = rows.into_iter().map(|r| r.id).collect();
-    }
-    let closed: Vec<Uuid> = plans()
-        .flat_map(|(_, plan)| plan.closed.iter().map(|a| a.as_uuid()))
-        .collect();
-    if !closed.is_empty() {
-        sql("UPDATE accounts SET status = 'closed', closed_at = now() WHERE shard = 0 AND agent_id = ANY($1)")
-            .bind::<Array<diesel::sql_types::Uuid>, _>(closed)
-            .execute(conn)
-            .await?;
-    }
-
-    // 5. Each mutation's outcome and events; outcomes recorded and events enqueued together.
+    // 4. Each mutation's reply, outcome record and events, from the plan and the ids.
+    let transfer_ids = &allocated.transfer_ids;
+    let hold_ids = &allocated.hold_ids;
     let mut events = Vec::new();
     let (mut scopes, mut keys, mut errors, mut bodies) = (vec![], vec![], vec![], vec![]);
     for share in &shares {
@@ -619,18 +522,120 @@ async fn group_transaction(
         }
         outcomes[share.index] = Some(Outcome::Decided(answer));
     }
-    let record = sql("UPDATE idempotency i SET is_error = x.e, outcome = x.o \
-         FROM unnest($1::text[], $2::text[], $3::bool[], $4::bytea[]) AS x(s, k, e, o) \
-         WHERE i.scope = x.s AND i.key = x.k")
-    .bind::<Array<Text>, _>(scopes)
-    .bind::<Array<Text>, _>(keys)
-    .bind::<Array<Bool>, _>(errors)
-    .bind::<Array<Bytea>, _>(bodies);
+
+    // 5. Write, all in one pipeline (Postgres runs a connection's statements in the order
+    // sent): releases first, then transfers, then new holds, then closures, so no intermediate
+    // state breaks a constraint the final state satisfies; then the outcomes and the events.
+    let mut writes = Vec::new();
+    let resolutions: Vec<_> = plans()
+        .flat_map(|(_, plan)| plan.resolutions.iter())
+        .collect();
+    if !resolutions.is_empty() {
+        writes.push(
+            sql("UPDATE holds h SET status = r.status::hold_status, posted_amount = r.posted, resolved_at = now() \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, status, posted) WHERE h.id = r.id")
+            .bind::<Array<BigInt>, _>(resolutions.iter().map(|r| r.hold.get()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(resolutions.iter().map(|r| wire::hold_status_name(r.status)).collect::<Vec<_>>())
+            .bind::<Array<Nullable<BigInt>>, _>(resolutions.iter().map(|r| r.posted.map(Credits::micros)).collect::<Vec<_>>()),
+        );
+    }
+    if transfer_count > 0 {
+        let mut columns = TransferColumns::with_capacity(transfer_count);
+        for (share, plan) in plans() {
+            let key = request_key(share);
+            for transfer in &plan.transfers {
+                let (debit, debit_shard) = account_id(transfer.debit);
+                let (credit, credit_shard) = account_id(transfer.credit);
+                columns.debit_ids.push(debit);
+                columns.debit_shards.push(debit_shard);
+                columns.credit_ids.push(credit);
+                columns.credit_shards.push(credit_shard);
+                columns.amounts.push(transfer.amount.micros());
+                columns.kinds.push(wire::transfer_kind_name(transfer.kind));
+                columns
+                    .reasons
+                    .push(transfer.mint_reason.map(wire::mint_reason_name));
+                columns.memos.push(transfer.memo.clone());
+                columns.holds.push(transfer.hold.map(HoldId::get));
+                columns.keys.push(key.clone());
+            }
+        }
+        writes.push(
+            sql("INSERT INTO transfers (id, debit_id, debit_shard, credit_id, credit_shard, amount, kind, \
+                   mint_reason, memo, hold_id, request_key, created_at) \
+                 SELECT id, d, ds, c, cs, amount, kind::transfer_kind, reason::mint_reason, memo, hold, request_key, now() \
+                 FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::smallint[], $6::bigint[], \
+                   $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[]) \
+                   AS x(id, d, ds, c, cs, amount, kind, reason, memo, hold, request_key)")
+            .bind::<Array<BigInt>, _>(transfer_ids[..transfer_count].to_vec())
+            .bind::<Array<BigInt>, _>(columns.debit_ids)
+            .bind::<Array<SmallInt>, _>(columns.debit_shards)
+            .bind::<Array<BigInt>, _>(columns.credit_ids)
+            .bind::<Array<SmallInt>, _>(columns.credit_shards)
+            .bind::<Array<BigInt>, _>(columns.amounts)
+            .bind::<Array<Text>, _>(columns.kinds)
+            .bind::<Array<Nullable<Text>>, _>(columns.reasons)
+            .bind::<Array<Text>, _>(columns.memos)
+            .bind::<Array<Nullable<BigInt>>, _>(columns.holds)
+            .bind::<Array<Text>, _>(columns.keys),
+        );
+    }
+    if hold_count > 0 {
+        let (mut debits, mut credits, mut shards, mut amounts, mut memos, mut keys) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (share, hold) in plans().flat_map(|(s, plan)| plan.holds.iter().map(move |h| (s, h))) {
+            debits.push(ledger.accounts[&hold.from].id);
+            // The credit account's row is checked by a foreign key, which share-locks it: it
+            // must be a row this transaction already locked (for burn: its burn shard), or the
+            // locking order breaks and concurrent transactions can deadlock.
+            let (credit, shard) = account_id(hold.to.into());
+            credits.push(credit);
+            shards.push(shard);
+            amounts.push(hold.amount.micros());
+            memos.push(hold.memo.clone());
+            keys.push(request_key(share));
+        }
+        writes.push(
+            sql("INSERT INTO holds (id, debit_id, credit_id, credit_shard, amount, memo, request_key, created_at) \
+                 SELECT id, d, c, cs, amount, memo, request_key, now() \
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[], $6::text[], $7::text[]) \
+                   AS x(id, d, c, cs, amount, memo, request_key)")
+            .bind::<Array<BigInt>, _>(hold_ids[..hold_count].to_vec())
+            .bind::<Array<BigInt>, _>(debits)
+            .bind::<Array<BigInt>, _>(credits)
+            .bind::<Array<SmallInt>, _>(shards)
+            .bind::<Array<BigInt>, _>(amounts)
+            .bind::<Array<Text>, _>(memos)
+            .bind::<Array<Text>, _>(keys),
+        );
+    }
+    let closed: Vec<Uuid> = plans()
+        .flat_map(|(_, plan)| plan.closed.iter().map(|a| a.as_uuid()))
+        .collect();
+    if !closed.is_empty() {
+        writes.push(
+            sql("UPDATE accounts SET status = 'closed', closed_at = now() WHERE shard = 0 AND agent_id = ANY($1)")
+                .bind::<Array<diesel::sql_types::Uuid>, _>(closed),
+        );
+    }
+    writes.push(
+        sql("UPDATE idempotency i SET is_error = x.e, outcome = x.o \
+             FROM unnest($1::text[], $2::text[], $3::bool[], $4::bytea[]) AS x(s, k, e, o) \
+             WHERE i.scope = x.s AND i.key = x.k")
+        .bind::<Array<Text>, _>(scopes)
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<Bool>, _>(errors)
+        .bind::<Array<Bytea>, _>(bodies),
+    );
+    if !events.is_empty() {
+        writes.push(outbox::insert(&events));
+    }
     let shared: &AsyncPgConnection = conn;
-    futures::try_join!(
-        record.execute(&mut &*shared),
-        outbox::insert(&events).execute(&mut &*shared)
-    )?;
+    futures::future::try_join_all(writes.into_iter().map(|write| {
+        let mut connection = shared;
+        write.execute(&mut connection)
+    }))
+    .await?;
     Ok(outcomes
         .into_iter()
         .map(|o| o.unwrap_or(Outcome::Known))

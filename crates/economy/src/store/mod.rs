@@ -135,7 +135,7 @@ impl Store {
         let mut conn = self.connection().await?;
         let rows: Vec<AccountRow> = match account {
             AccountRef::Agent(agent) => sql(
-                "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at, now() AS now \
+                "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
                  FROM accounts WHERE agent_id = $1",
             )
             .bind::<diesel::sql_types::Uuid, _>(agent.as_uuid())
@@ -144,7 +144,7 @@ impl Store {
             AccountRef::Mint | AccountRef::Burn => sql(
                 "SELECT id, NULL::uuid AS agent_id, 'open' AS status, \
                    sum(balance)::bigint AS balance, sum(pending)::bigint AS pending, \
-                   min(opened_at) AS opened_at, NULL::timestamptz AS closed_at, now() AS now \
+                   min(opened_at) AS opened_at, NULL::timestamptz AS closed_at \
                  FROM accounts WHERE id = $1 GROUP BY id",
             )
             .bind::<BigInt, _>(if account == AccountRef::Mint { MINT_ID } else { BURN_ID })

@@ -30,8 +30,6 @@ pub(super) struct AccountRow {
     pub(super) opened_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub(super) closed_at: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Timestamptz)]
-    pub(super) now: DateTime<Utc>,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -64,10 +62,15 @@ pub(super) struct HoldLock {
     pub(super) status: String,
 }
 
+/// Ids handed out for a group's new rows, and the transaction's timestamp.
 #[derive(diesel::QueryableByName)]
-pub(super) struct NewId {
-    #[diesel(sql_type = BigInt)]
-    pub(super) id: i64,
+pub(super) struct Allocated {
+    #[diesel(sql_type = Timestamptz)]
+    pub(super) now: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Array<BigInt>)]
+    pub(super) transfer_ids: Vec<i64>,
+    #[diesel(sql_type = diesel::sql_types::Array<BigInt>)]
+    pub(super) hold_ids: Vec<i64>,
 }
 
 #[derive(diesel::QueryableByName)]
