@@ -70,6 +70,10 @@ pub(crate) fn db_error(error: diesel::result::Error) -> RpcError {
     match &error {
         Error::DatabaseError(kind, info) => {
             let message = info.message().to_owned();
+            if message.contains("deadlock detected") {
+                return RpcError::unavailable(format!("database contention: {message}"))
+                    .with_reason("contention");
+            }
             if message.contains("out of range") {
                 return RpcError::invalid_argument(format!("amount overflows: {message}"))
                     .with_reason("overflow");

@@ -675,3 +675,129 @@ async fn big_batches_split_their_events_so_each_fits_a_nats_message() {
     assert_eq!(h.balance(alice).await.balance_micros, 1_500);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_opening_stays_refused_on_retry_and_opens_nothing() {
+    let h = Harness::start().await;
+    let alice = h.funded_agent(CREDIT).await;
+    let (carol, dave) = (AgentId::random(), AgentId::random());
+    let open = |agent: AgentId| pb::LedgerOp {
+        op: Some(pb::ledger_op::Op::OpenAccount(pb::OpenAccountOp {
+            agent_id: agent.to_string(),
+        })),
+    };
+    let overdraw = pb::LedgerOp {
+        op: Some(pb::ledger_op::Op::Transfer(pb::TransferOp {
+            from: Some(agent_ref(alice)),
+            to: Some(agent_ref(carol)),
+            amount_micros: 5 * CREDIT,
+            memo: String::new(),
+        })),
+    };
+    let request = pb::BatchRequest {
+        idempotency_id: "opener".into(),
+        ops: vec![open(carol), overdraw],
+    };
+    let first = h
+        .client
+        .call::<internal::Batch>(&request)
+        .await
+        .unwrap_err();
+    assert_eq!(first.code, ErrorCode::InsufficientFunds);
+    let retry = h
+        .client
+        .call::<internal::Batch>(&request)
+        .await
+        .unwrap_err();
+    assert_eq!(retry, first, "the retry replays the refusal");
+    // The same id for another opening is a conflict, and opens nothing either.
+    let reused = pb::BatchRequest {
+        idempotency_id: "opener".into(),
+        ops: vec![open(dave)],
+    };
+    assert_eq!(
+        h.client
+            .call::<internal::Batch>(&reused)
+            .await
+            .unwrap_err()
+            .reason,
+        "idempotency_mismatch"
+    );
+    for agent in [carol, dave] {
+        let missing = h
+            .client
+            .call::<internal::Balance>(&pb::BalanceRequest {
+                account: Some(agent_ref(agent)),
+            })
+            .await;
+        assert_eq!(
+            missing.unwrap_err().code,
+            ErrorCode::NotFound,
+            "{agent} must not exist"
+        );
+    }
+    assert!(h.audit().await.ok);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_whose_reply_would_not_fit_a_message_is_refused_before_it_commits() {
+    let h = Harness::start().await;
+    let alice = h.funded_agent(10_000 * CREDIT).await;
+    let memo = "m".repeat(1_000);
+    // 1,000 holds with 1 KB memos, placed in two batches (each within the request limit).
+    let mut holds = Vec::new();
+    for half in 0..2 {
+        let ops = (0..500)
+            .map(|_| pb::LedgerOp {
+                op: Some(pb::ledger_op::Op::Hold(pb::HoldOp {
+                    from: Some(agent_ref(alice)),
+                    to: Some(burn_ref()),
+                    amount_micros: 1,
+                    memo: memo.clone(),
+                })),
+            })
+            .collect();
+        let placed = h
+            .client
+            .call::<internal::Batch>(&pb::BatchRequest {
+                idempotency_id: format!("place-{half}"),
+                ops,
+            })
+            .await
+            .unwrap();
+        holds.extend(placed.results.into_iter().map(|r| r.hold.unwrap().id));
+    }
+    // Voiding them all is a small request, but its reply repeats every memo: over 1 MB.
+    let ops = holds
+        .iter()
+        .map(|&hold_id| pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::VoidHold(pb::VoidHoldOp { hold_id })),
+        })
+        .collect();
+    let request = pb::BatchRequest {
+        idempotency_id: "void-all".into(),
+        ops,
+    };
+    let error = h
+        .client
+        .call::<internal::Batch>(&request)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.code, error.reason.as_str()),
+        (ErrorCode::InvalidArgument, "reply_too_large")
+    );
+    assert_eq!(
+        h.client
+            .call::<internal::Batch>(&request)
+            .await
+            .unwrap_err(),
+        error,
+        "the refusal is the recorded outcome"
+    );
+    let account = h.balance(alice).await;
+    assert_eq!(account.pending_micros, 1_000, "nothing was voided");
+    assert!(h.audit().await.ok);
+    h.stop().await;
+}

@@ -14,10 +14,12 @@
 //! accounts vanish, and the refusal is recorded afterwards.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, SmallInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures::FutureExt;
 use prost::Message as _;
 use rand::Rng;
 use syntropism_contracts::{AgentId, Credits, HoldId, RpcError, pb};
@@ -35,6 +37,9 @@ use crate::errors::op_error;
 use crate::ledger::{
     AccountRef, AccountState, BURN_ID, HoldState, Ledger, MINT_ID, Op, OpError, Payee, Plan,
 };
+
+/// Largest reply a mutation may have: NATS's default 1 MiB payload, less room for headers.
+const MAX_REPLY_BYTES: usize = 1_000_000;
 
 /// A mutation waiting for a committer, and where its outcome goes.
 pub(super) struct Job {
@@ -73,7 +78,19 @@ pub(super) async fn committer(
                 group.push(job);
             }
         }
-        apply_group(&inner, group).await;
+        // A bug must not stop the ledger: the group's callers get UNAVAILABLE (their replies are
+        // dropped) and may retry; the committer goes on.
+        if let Err(panic) = AssertUnwindSafe(apply_group(&inner, group))
+            .catch_unwind()
+            .await
+        {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "a committer panicked; continuing");
+        }
     }
 }
 
@@ -103,8 +120,12 @@ impl Outcome {
 }
 
 enum TxError {
-    /// An account-opening mutation was refused: roll back, then record the refusal.
-    Refused(OpError),
+    /// A mutation applied alone was refused where its transaction must not commit (an opener's
+    /// reserved rows, a reply too large to send): roll back, then record the refusal.
+    Refused(RpcError),
+    /// No idempotency id was claimed: nothing may commit (not even an opener's reserved rows);
+    /// every mutation is answered from its stored outcome.
+    NothingClaimed,
     Db(diesel::result::Error),
 }
 
@@ -126,7 +147,10 @@ async fn apply_group(inner: &Inner, group: Vec<Job>) {
             Ok(outcomes) => Ok(Some((conn, outcomes))),
             // One bad request (e.g. an overflow only the database sees) must not sink the
             // others: a failed group is retried one mutation at a time.
-            Err(_) if mutations.len() > 1 => Ok(None),
+            Err(error) if mutations.len() > 1 => {
+                tracing::warn!(%error, size = mutations.len(), "a grouped transaction failed; applying its mutations one by one");
+                Ok(None)
+            }
             Err(error) => Err(error),
         },
     };
@@ -186,15 +210,15 @@ async fn run_with_retries(
             .await;
         return match result {
             Ok(outcomes) => Ok(outcomes),
-            Err(TxError::Refused(error)) => {
-                let mutation = mutations
-                    .first()
-                    .ok_or_else(|| RpcError::internal("empty group"))?;
-                let error = op_error(&error, mutation.ops.len());
-                Ok(vec![Outcome::Decided(
+            Err(TxError::Refused(error)) => match mutations {
+                [mutation] => Ok(vec![Outcome::Decided(
                     record_error(conn, mutation, &error).await,
-                )])
-            }
+                )]),
+                // Only a mutation applied alone is refused this way; in a group, fall back to
+                // applying them one at a time.
+                _ => Err(error),
+            },
+            Err(TxError::NothingClaimed) => Ok(mutations.iter().map(|_| Outcome::Known).collect()),
             Err(TxError::Db(error)) if attempt < 3 && is_transient(&error) => {
                 tracing::debug!(%error, attempt, "retrying a transient database failure");
                 continue;
@@ -226,10 +250,11 @@ async fn group_transaction(
     // the order sent, so the claim still precedes the lock: a retry waits for its original
     // before taking any row lock.
     let all_ops = || mutations.iter().flat_map(|m| m.ops.iter());
-    let opening: Vec<Uuid> = unique(all_ops().filter_map(|op| match op {
+    let mut opening: Vec<Uuid> = unique(all_ops().filter_map(|op| match op {
         Op::Open { agent } => Some(agent.as_uuid()),
         _ => None,
     }));
+    opening.sort();
     let hold_ids: Vec<i64> = unique(all_ops().filter_map(|op| op.hold().map(HoldId::get)));
     let (mint_shard, burn_shard) = {
         let mut rng = rand::rng();
@@ -247,10 +272,12 @@ async fn group_transaction(
         (mint, burn)
     };
     let lock = |agents: Vec<Uuid>| {
-        sql("SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
+        sql(
+            "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
              FROM accounts \
              WHERE agent_id = ANY($1) OR (id = 1 AND shard = $2) OR (id = 2 AND shard = $3) \
-             ORDER BY id, shard FOR UPDATE")
+             ORDER BY id, shard FOR UPDATE",
+        )
         .bind::<Array<diesel::sql_types::Uuid>, _>(agents)
         .bind::<SmallInt, _>(mint_shard)
         .bind::<SmallInt, _>(burn_shard)
@@ -267,25 +294,24 @@ async fn group_transaction(
         #[diesel(sql_type = diesel::sql_types::Uuid)]
         agent_id: Uuid,
     }
+    // Unique-key waits (a claim meeting a concurrent claim of the same id) follow an order too:
+    // ids are claimed sorted, like rows are locked sorted.
+    let mut claims: Vec<&Mutation> = mutations.to_vec();
+    claims.sort_by(|a, b| (&a.scope, a.key.as_str()).cmp(&(&b.scope, b.key.as_str())));
     let claim = sql(
         "INSERT INTO idempotency (scope, key, request_hash, is_error, outcome) \
          SELECT s, k, h, false, '' FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(s, k, h) \
          ON CONFLICT DO NOTHING RETURNING scope, key",
     )
+    .bind::<Array<Text>, _>(claims.iter().map(|m| m.scope.clone()).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(
-        mutations
-            .iter()
-            .map(|m| m.scope.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind::<Array<Text>, _>(
-        mutations
+        claims
             .iter()
             .map(|m| m.key.as_str().to_owned())
             .collect::<Vec<_>>(),
     )
     .bind::<Array<Bytea>, _>(
-        mutations
+        claims
             .iter()
             .map(|m| m.request_hash.clone())
             .collect::<Vec<_>>(),
@@ -364,10 +390,7 @@ async fn group_transaction(
         .collect();
     let mut outcomes: Vec<Option<Outcome>> = (0..mutations.len()).map(|_| None).collect();
     if active.is_empty() {
-        return Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Known))
-            .collect());
+        return Err(TxError::NothingClaimed);
     }
 
     // 2. Otherwise lock every account row involved, in (id, shard) order, then the holds in id
@@ -451,7 +474,10 @@ async fn group_transaction(
         if let Err(error) = &result
             && mutations[index].opens_accounts()
         {
-            return Err(TxError::Refused(error.clone()));
+            return Err(TxError::Refused(op_error(
+                error,
+                mutations[index].ops.len(),
+            )));
         }
         let (transfers, holds) = match &result {
             Ok(plan) => (plan.transfers.len(), plan.holds.len()),
@@ -503,8 +529,20 @@ async fn group_transaction(
                     holds: &hold_rows,
                     allocation: &allocation,
                 };
+                let response = view.response();
+                // The reply (and the stored outcome every retry replays) must fit a NATS
+                // message; a mutation whose reply would not is refused before anything commits.
+                if response.encoded_len() > MAX_REPLY_BYTES {
+                    return Err(TxError::Refused(
+                        RpcError::invalid_argument(format!(
+                            "the reply would be {} bytes, more than the {MAX_REPLY_BYTES} a message carries; split the batch",
+                            response.encoded_len()
+                        ))
+                        .with_reason("reply_too_large"),
+                    ));
+                }
                 events.extend(view.events(&mutation.correlation_id, mutation.key.as_str()));
-                Ok(view.response())
+                Ok(response)
             }
             Err(error) => Err(op_error(error, mutation.ops.len())),
         };

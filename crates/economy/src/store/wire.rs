@@ -22,8 +22,32 @@ pub(super) struct Allocation {
     pub(super) hold_ids: Vec<i64>,
 }
 
-/// Most items in one event, so that every event fits a NATS message.
+/// Most items, and most encoded bytes, in one event, so that every event fits a NATS message
+/// whatever the items hold (a resolved hold carries its memo, up to 1 KiB).
 const MAX_EVENT_ITEMS: usize = 1_000;
+const MAX_EVENT_BYTES: usize = 512 * 1024;
+
+const SOURCE: &str = services::ECONOMY;
+
+/// Splits `items` into runs that each fit one event.
+fn chunks<T: prost::Message>(items: Vec<T>) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let (mut run, mut bytes) = (Vec::new(), 0);
+    for item in items {
+        // Field tag and length prefix of a repeated message: a few bytes more than the item.
+        let size = item.encoded_len() + 8;
+        if !run.is_empty() && (run.len() == MAX_EVENT_ITEMS || bytes + size > MAX_EVENT_BYTES) {
+            runs.push(std::mem::take(&mut run));
+            bytes = 0;
+        }
+        bytes += size;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
 
 // ---- Conversions to the wire ----------------------------------------------------------------
 
@@ -187,6 +211,19 @@ impl ResponseView<'_> {
         )
     }
 
+    /// An account as it was when opened (a later operation in the same request may have
+    /// changed it; the event and the reply describe the opening).
+    fn opened_account(&self, agent: AgentId) -> pb::Account {
+        account_pb(
+            AccountRef::Agent(agent),
+            true,
+            0,
+            0,
+            Some(self.allocation.now),
+            None,
+        )
+    }
+
     fn transfer(&self, index: usize) -> pb::Transfer {
         let t = &self.plan.transfers[index];
         pb::Transfer {
@@ -257,7 +294,7 @@ impl ResponseView<'_> {
             .iter()
             .map(|outcome| match outcome {
                 Outcome::Opened(agent) => pb::OpResult {
-                    account: Some(self.account(*agent)),
+                    account: Some(self.opened_account(*agent)),
                     ..Default::default()
                 },
                 Outcome::Closed { agent, burn } => pb::OpResult {
@@ -291,79 +328,76 @@ impl ResponseView<'_> {
     }
 
     pub(super) fn events(&self, correlation_id: &str, causation_id: &str) -> Vec<PendingEvent> {
-        let source = services::ECONOMY;
         let mut events = Vec::new();
-        let mut push = |subject: &str, envelope: pb::EventEnvelope| {
+        let mut emit = |subject: &str, envelope: pb::EventEnvelope| {
             events.push(PendingEvent {
                 subject: subject.to_owned(),
                 envelope,
             });
         };
-        let chunks = |n: usize| {
-            (0..n)
-                .step_by(MAX_EVENT_ITEMS)
-                .map(move |start| start..(start + MAX_EVENT_ITEMS).min(n))
-        };
-        for range in chunks(self.plan.opened.len()) {
-            let accounts = self.plan.opened[range]
+        let plan = self.plan;
+        for accounts in chunks(
+            plan.opened
                 .iter()
-                .map(|a| self.account(*a))
-                .collect();
-            push(
+                .map(|a| self.opened_account(*a))
+                .collect(),
+        ) {
+            emit(
                 economy_events::ACCOUNTS_OPENED,
                 envelope(
-                    source,
+                    SOURCE,
                     &pb::AccountsOpened { accounts },
                     correlation_id,
                     causation_id,
                 ),
             );
         }
-        for range in chunks(self.plan.transfers.len()) {
-            let transfers = range.map(|i| self.transfer(i)).collect();
-            push(
+        for transfers in chunks(
+            (0..plan.transfers.len())
+                .map(|i| self.transfer(i))
+                .collect(),
+        ) {
+            emit(
                 economy_events::TRANSFERS_POSTED,
                 envelope(
-                    source,
+                    SOURCE,
                     &pb::TransfersPosted { transfers },
                     correlation_id,
                     causation_id,
                 ),
             );
         }
-        for range in chunks(self.plan.holds.len()) {
-            let holds = range.map(|i| self.new_hold(i)).collect();
-            push(
+        for holds in chunks((0..plan.holds.len()).map(|i| self.new_hold(i)).collect()) {
+            emit(
                 economy_events::HOLDS_PLACED,
                 envelope(
-                    source,
+                    SOURCE,
                     &pb::HoldsPlaced { holds },
                     correlation_id,
                     causation_id,
                 ),
             );
         }
-        for range in chunks(self.plan.resolutions.len()) {
-            let holds = range.map(|i| self.resolved_hold(i)).collect();
-            push(
+        for holds in chunks(
+            (0..plan.resolutions.len())
+                .map(|i| self.resolved_hold(i))
+                .collect(),
+        ) {
+            emit(
                 economy_events::HOLDS_RESOLVED,
                 envelope(
-                    source,
+                    SOURCE,
                     &pb::HoldsResolved { holds },
                     correlation_id,
                     causation_id,
                 ),
             );
         }
-        for range in chunks(self.plan.closed.len()) {
-            let accounts = self.plan.closed[range]
-                .iter()
-                .map(|a| self.account(*a))
-                .collect();
-            push(
+        for accounts in chunks(plan.closed.iter().map(|a| self.account(*a)).collect()) {
+            emit(
                 economy_events::ACCOUNTS_CLOSED,
                 envelope(
-                    source,
+                    SOURCE,
                     &pb::AccountsClosed { accounts },
                     correlation_id,
                     causation_id,
@@ -371,5 +405,33 @@ impl ResponseView<'_> {
             );
         }
         events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn events_are_split_by_bytes_as_well_as_by_count() {
+        let big = || pb::Hold {
+            memo: "x".repeat(100_000),
+            ..Default::default()
+        };
+        let runs = chunks((0..12).map(|_| big()).collect());
+        assert!(
+            runs.iter().all(
+                |run| run.iter().map(|h| h.encoded_len() + 8).sum::<usize>() <= MAX_EVENT_BYTES
+            )
+        );
+        assert_eq!(runs.iter().map(Vec::len).sum::<usize>(), 12);
+        let small = chunks((0..2_500).map(|_| pb::Hold::default()).collect());
+        assert_eq!(
+            small.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1_000, 1_000, 500]
+        );
+        assert!(chunks(Vec::<pb::Hold>::new()).is_empty());
     }
 }
