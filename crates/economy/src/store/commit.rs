@@ -334,20 +334,22 @@ async fn group_transaction(
     .bind::<BigInt, _>(transfer_slots as i64)
     .bind::<BigInt, _>(hold_slots as i64);
     let shared: &AsyncPgConnection = conn;
-    let (claimed, reserved, hold_rows, locked, allocated): (
-        Vec<Claimed>,
-        HashSet<Uuid>,
-        Vec<HoldRow>,
-        Option<Vec<AccountRow>>,
-        Allocated,
-    ) = if opening.is_empty() && hold_ids.is_empty() {
+    let (claimed, reserved, hold_rows, locked, allocated) = if opening.is_empty()
+        && hold_ids.is_empty()
+    {
         let agents = unique(all_ops().flat_map(Op::agents).map(|a| a.as_uuid()));
         let (claimed, locked, allocated) = futures::try_join!(
             claim.load::<Claimed>(&mut &*shared),
             lock(agents).load::<AccountRow>(&mut &*shared),
             allocate.get_result::<Allocated>(&mut &*shared),
         )?;
-        (claimed, HashSet::new(), Vec::new(), Some(locked), allocated)
+        (
+            claimed,
+            HashSet::<Uuid>::new(),
+            Vec::<HoldRow>::new(),
+            Some(locked),
+            allocated,
+        )
     } else {
         let inserted = async {
             if opening.is_empty() {
