@@ -18,7 +18,7 @@ use prost::Message as _;
 use syntropism_contracts::{IdempotencyId, RpcError, pb};
 use syntropism_platform::db::Pool;
 use syntropism_platform::sql::sql;
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc, oneshot};
 
 use self::rows::{AccountRow, AuditRow, StoredOutcome, TransferRow};
 use self::wire::{account_from_row, transfer_from_row};
@@ -66,6 +66,8 @@ struct Inner {
     pool: Pool,
     shards: i16,
     outbox: Arc<Notify>,
+    /// One big mutation at a time per replica.
+    big: Semaphore,
 }
 
 /// The ledger store. Cheap to clone; the committers stop when the last clone is dropped.
@@ -91,6 +93,7 @@ impl Store {
             pool,
             shards: shards.max(1),
             outbox,
+            big: Semaphore::new(1),
         });
         let (queue, receiver) = mpsc::channel(1024);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -117,7 +120,19 @@ impl Store {
     /// Small mutations queue for the committers, which group them; big ones (and those that open
     /// accounts) take their own transaction at once, so a large batch never holds up the queue.
     pub async fn mutate(&self, mutation: Mutation) -> Result<pb::BatchResponse, RpcError> {
-        if mutation.opens_accounts() || mutation.ops.len() > MAX_GROUPED_OPS {
+        if mutation.ops.len() > MAX_GROUPED_OPS {
+            // Big mutations lock thousands of rows; run concurrently they mostly queue behind
+            // each other's row locks inside Postgres, which costs far more than queueing here
+            // (measured: 8 concurrent 1,000-transfer batches ran 5x slower than one at a time).
+            let _turn = self
+                .inner
+                .big
+                .acquire()
+                .await
+                .map_err(|_| RpcError::unavailable("the ledger is shutting down"))?;
+            return commit::apply_alone(&self.inner, &mutation).await;
+        }
+        if mutation.opens_accounts() {
             return commit::apply_alone(&self.inner, &mutation).await;
         }
         let (reply, outcome) = oneshot::channel();
