@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use syntropism_contracts::economy::{agent, internal};
 use syntropism_contracts::{
-    AgentId, Credits, HoldId, IdempotencyId, RequestContext, RpcError, RpcServer, pb,
+    AgentId, Credits, HoldId, IdempotencyId, Method, RequestContext, RpcError, RpcServer, pb,
 };
 
 use crate::config::EconomySection;
@@ -66,11 +66,14 @@ fn fingerprint(method: &str, body: &impl prost::Message) -> Vec<u8> {
 
 /// Takes the idempotency id out of a request and fingerprints the rest.
 macro_rules! idempotent {
-    ($method:literal, $request:ident) => {{
+    ($method:ty, $request:ident) => {{
         let key = IdempotencyId::parse(&$request.idempotency_id)?;
         let mut body = $request.clone();
         body.idempotency_id.clear();
-        (key, fingerprint($method, &body))
+        (
+            key,
+            fingerprint(&<$method as Method>::ENDPOINT.name(), &body),
+        )
     }};
 }
 
@@ -264,7 +267,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::OpenAccountRequest,
     ) -> Result<pb::OpenAccountResponse, RpcError> {
-        let idempotency = idempotent!("economy.open_account", request);
+        let idempotency = idempotent!(internal::OpenAccount, request);
         let result = self
             .apply_one(&ctx, idempotency, open_op(request.op)?)
             .await?;
@@ -278,7 +281,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::CloseAccountRequest,
     ) -> Result<pb::CloseAccountResponse, RpcError> {
-        let idempotency = idempotent!("economy.close_account", request);
+        let idempotency = idempotent!(internal::CloseAccount, request);
         let result = self
             .apply_one(&ctx, idempotency, close_op(request.op)?)
             .await?;
@@ -293,7 +296,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::TransferRequest,
     ) -> Result<pb::TransferResponse, RpcError> {
-        let idempotency = idempotent!("economy.transfer", request);
+        let idempotency = idempotent!(internal::Transfer, request);
         let result = self
             .apply_one(&ctx, idempotency, transfer_op(request.op)?)
             .await?;
@@ -307,7 +310,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::MintRequest,
     ) -> Result<pb::MintResponse, RpcError> {
-        let idempotency = idempotent!("economy.mint", request);
+        let idempotency = idempotent!(internal::Mint, request);
         let result = self
             .apply_one(&ctx, idempotency, mint_op(request.op)?)
             .await?;
@@ -321,7 +324,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::HoldRequest,
     ) -> Result<pb::HoldResponse, RpcError> {
-        let idempotency = idempotent!("economy.hold", request);
+        let idempotency = idempotent!(internal::Hold, request);
         let result = self
             .apply_one(&ctx, idempotency, hold_op(request.op)?)
             .await?;
@@ -333,7 +336,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::PostHoldRequest,
     ) -> Result<pb::PostHoldResponse, RpcError> {
-        let idempotency = idempotent!("economy.post_hold", request);
+        let idempotency = idempotent!(internal::PostHold, request);
         let result = self
             .apply_one(&ctx, idempotency, post_op(request.op)?)
             .await?;
@@ -348,7 +351,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::VoidHoldRequest,
     ) -> Result<pb::VoidHoldResponse, RpcError> {
-        let idempotency = idempotent!("economy.void_hold", request);
+        let idempotency = idempotent!(internal::VoidHold, request);
         let result = self
             .apply_one(&ctx, idempotency, void_op(request.op)?)
             .await?;
@@ -360,7 +363,7 @@ impl Economy {
         ctx: RequestContext,
         request: pb::BatchRequest,
     ) -> Result<pb::BatchResponse, RpcError> {
-        let idempotency = idempotent!("economy.batch", request);
+        let idempotency = idempotent!(internal::Batch, request);
         if request.ops.is_empty() {
             return Err(
                 RpcError::invalid_argument("a batch needs at least one operation")
@@ -466,7 +469,7 @@ impl Economy {
         request: pb::AgentTransferRequest,
     ) -> Result<pb::AgentTransferResponse, RpcError> {
         let caller = ctx.caller()?;
-        let idempotency = idempotent!("agent.economy.transfer", request);
+        let idempotency = idempotent!(agent::Transfer, request);
         let op = Op::Transfer {
             from: caller,
             to: Payee::Agent(agent_id(&request.to_agent_id, "to_agent_id")?),

@@ -139,10 +139,8 @@ async fn apply_group(inner: &Inner, group: Vec<Job>) {
     let started = std::time::Instant::now();
     metrics::histogram!("syntropism_economy_group_size").record(group.len() as f64);
     let mutations: Vec<&Mutation> = group.iter().map(|job| &job.mutation).collect();
-    let outcomes = match inner.pool.get().await {
-        Err(error) => Err(RpcError::unavailable(format!(
-            "database unavailable: {error}"
-        ))),
+    let outcomes = match inner.connection().await {
+        Err(error) => Err(error),
         Ok(mut conn) => match run_with_retries(inner, &mut conn, &mutations).await {
             Ok(outcomes) => Ok(Some((conn, outcomes))),
             // One bad request (e.g. an overflow only the database sees) must not sink the
@@ -182,11 +180,7 @@ pub(super) async fn apply_alone(
     inner: &Inner,
     mutation: &Mutation,
 ) -> Result<pb::BatchResponse, RpcError> {
-    let mut conn = inner
-        .pool
-        .get()
-        .await
-        .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))?;
+    let mut conn = inner.connection().await?;
     let outcome = run_with_retries(inner, &mut conn, &[mutation]).await?.pop();
     inner.outbox.notify_one();
     match outcome {
@@ -271,7 +265,15 @@ async fn group_transaction(
         };
         (mint, burn)
     };
-    let lock = |agents: Vec<Uuid>| {
+    // Every agent the group touches, and those of the holds it posts or voids.
+    let lock = |holds: &[HoldRow]| {
+        let agents: Vec<Uuid> = unique(
+            all_ops().flat_map(Op::agents).map(|a| a.as_uuid()).chain(
+                holds
+                    .iter()
+                    .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
+            ),
+        );
         sql(
             "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
              FROM accounts \
@@ -337,10 +339,9 @@ async fn group_transaction(
     let (claimed, reserved, hold_rows, locked, allocated) = if opening.is_empty()
         && hold_ids.is_empty()
     {
-        let agents = unique(all_ops().flat_map(Op::agents).map(|a| a.as_uuid()));
         let (claimed, locked, allocated) = futures::try_join!(
             claim.load::<Claimed>(&mut &*shared),
-            lock(agents).load::<AccountRow>(&mut &*shared),
+            lock(&[]).load::<AccountRow>(&mut &*shared),
             allocate.get_result::<Allocated>(&mut &*shared),
         )?;
         (
@@ -399,20 +400,7 @@ async fn group_transaction(
     // order.
     let locked = match locked {
         Some(locked) => locked,
-        None => {
-            let mut agents: Vec<Uuid> = all_ops()
-                .flat_map(Op::agents)
-                .map(|a| a.as_uuid())
-                .collect();
-            agents.extend(
-                hold_rows
-                    .iter()
-                    .flat_map(|h| std::iter::once(h.debit_agent).chain(h.credit_agent)),
-            );
-            lock(unique(agents.into_iter()))
-                .load::<AccountRow>(conn)
-                .await?
-        }
+        None => lock(&hold_rows).load::<AccountRow>(conn).await?,
     };
     let mut hold_status: HashMap<i64, String> = HashMap::new();
     if !hold_ids.is_empty() {
@@ -511,8 +499,8 @@ async fn group_transaction(
         |s: &Share| format!("{}/{}", mutations[s.index].scope, mutations[s.index].key);
 
     // 4. Each mutation's reply, outcome record and events, from the plan and the ids.
-    let transfer_ids = &allocated.transfer_ids;
-    let hold_ids = &allocated.hold_ids;
+    let new_transfer_ids = &allocated.transfer_ids;
+    let new_hold_ids = &allocated.hold_ids;
     let mut events = Vec::new();
     let (mut scopes, mut keys, mut errors, mut bodies) = (vec![], vec![], vec![], vec![]);
     for share in &shares {
@@ -521,8 +509,8 @@ async fn group_transaction(
             Ok(plan) => {
                 let allocation = Allocation {
                     now,
-                    transfer_ids: transfer_ids[share.transfers.clone()].to_vec(),
-                    hold_ids: hold_ids[share.holds.clone()].to_vec(),
+                    transfer_ids: new_transfer_ids[share.transfers.clone()].to_vec(),
+                    hold_ids: new_hold_ids[share.holds.clone()].to_vec(),
                 };
                 let view = ResponseView {
                     plan,
@@ -607,7 +595,7 @@ async fn group_transaction(
                  FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bigint[], $5::smallint[], $6::bigint[], \
                    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[]) \
                    AS x(id, d, ds, c, cs, amount, kind, reason, memo, hold, request_key)")
-            .bind::<Array<BigInt>, _>(transfer_ids[..transfer_count].to_vec())
+            .bind::<Array<BigInt>, _>(new_transfer_ids[..transfer_count].to_vec())
             .bind::<Array<BigInt>, _>(columns.debit_ids)
             .bind::<Array<SmallInt>, _>(columns.debit_shards)
             .bind::<Array<BigInt>, _>(columns.credit_ids)
@@ -640,7 +628,7 @@ async fn group_transaction(
                  SELECT id, d, c, cs, amount, memo, request_key, now() \
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::smallint[], $5::bigint[], $6::text[], $7::text[]) \
                    AS x(id, d, c, cs, amount, memo, request_key)")
-            .bind::<Array<BigInt>, _>(hold_ids[..hold_count].to_vec())
+            .bind::<Array<BigInt>, _>(new_hold_ids[..hold_count].to_vec())
             .bind::<Array<BigInt>, _>(debits)
             .bind::<Array<BigInt>, _>(credits)
             .bind::<Array<SmallInt>, _>(shards)

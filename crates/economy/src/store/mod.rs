@@ -70,6 +70,15 @@ struct Inner {
     big: Semaphore,
 }
 
+impl Inner {
+    async fn connection(&self) -> Result<syntropism_platform::db::PooledConnection, RpcError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))
+    }
+}
+
 /// The ledger store. Cheap to clone; the committers stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct Store {
@@ -107,14 +116,6 @@ impl Store {
         Self { inner, queue }
     }
 
-    async fn connection(&self) -> Result<syntropism_platform::db::PooledConnection, RpcError> {
-        self.inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))
-    }
-
     /// Applies a mutation exactly once per idempotency id: a retry gets the first outcome.
     ///
     /// Small mutations queue for the committers, which group them; big ones (and those that open
@@ -147,7 +148,7 @@ impl Store {
 
     /// An account's balance; system accounts sum their shards.
     pub async fn balance(&self, account: AccountRef) -> Result<pb::Account, RpcError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.inner.connection().await?;
         let rows: Vec<AccountRow> = match account {
             AccountRef::Agent(agent) => sql(
                 "SELECT id, agent_id, status::text AS status, balance, pending, opened_at, closed_at \
@@ -180,7 +181,7 @@ impl Store {
         before: Option<i64>,
         limit: u32,
     ) -> Result<pb::HistoryResponse, RpcError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.inner.connection().await?;
         let account_id = match account {
             AccountRef::Mint => MINT_ID,
             AccountRef::Burn => BURN_ID,
@@ -233,7 +234,7 @@ impl Store {
 
     /// Totals and a check of every invariant, from the rows themselves.
     pub async fn audit(&self) -> Result<pb::AuditResponse, RpcError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.inner.connection().await?;
         let row: AuditRow = sql(
             "WITH legs AS ( \
                SELECT debit_id AS id, debit_shard AS shard, -sum(amount::numeric) AS total FROM transfers GROUP BY 1, 2 \
