@@ -145,12 +145,11 @@ async fn ensure_role_and_schema(
     Ok(())
 }
 
+/// A URL's userinfo is percent-encoded; `+` and `&` are literal there (unlike in a form).
 fn percent_decode(value: &str) -> anyhow::Result<String> {
-    let decoded: Vec<u8> = url::form_urlencoded::parse(format!("p={value}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned().into_bytes())
-        .unwrap_or_default();
-    Ok(String::from_utf8(decoded)?)
+    Ok(percent_encoding::percent_decode_str(value)
+        .decode_utf8()?
+        .into_owned())
 }
 
 #[derive(diesel::QueryableByName)]
@@ -219,6 +218,14 @@ mod tests {
             url,
             "postgres://e:p@h:1/db?sslmode=disable&options=-csearch_path%3Deconomy"
         );
+    }
+
+    #[test]
+    fn passwords_survive_the_url() {
+        let mut url = url::Url::parse("postgres://economy@127.0.0.1/syntropism").unwrap();
+        let password = "a+b&c d%e/f:g@h";
+        url.set_password(Some(password)).unwrap();
+        assert_eq!(percent_decode(url.password().unwrap()).unwrap(), password);
     }
 
     #[test]
