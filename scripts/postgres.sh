@@ -124,6 +124,11 @@ shared_buffers = 256MB
 # Durability is part of what we test: never trade it for speed here.
 fsync = on
 synchronous_commit = on
+# A write-heavy ledger: checkpoint by time, not every ~0.5 GB of WAL (the default 1 GB
+# max_wal_size), so full-page images after each checkpoint do not multiply the WAL every
+# commit must flush. Crash recovery replays at most this much WAL.
+max_wal_size = 8GB
+checkpoint_timeout = 15min
 # END syntropism
 EOF
     # `cat >` rather than `mv` keeps the file's owner (postgres) and mode.

@@ -25,6 +25,9 @@ pub struct EconomySection {
     pub committers: usize,
     /// Most mutations one transaction takes.
     pub max_group: usize,
+    /// Most operations one transaction of batches takes: concurrent batches share a
+    /// transaction up to this many operations (one bigger batch still runs alone).
+    pub max_group_ops: usize,
 }
 
 impl Default for EconomySection {
@@ -36,6 +39,7 @@ impl Default for EconomySection {
             max_batch_ops: syntropism_contracts::economy::MAX_BATCH_OPS,
             committers: 1,
             max_group: 64,
+            max_group_ops: 10_000,
         }
     }
 }
@@ -75,6 +79,11 @@ impl Validate for EconomySection {
             (1..=1024).contains(&e.max_group),
             "economy.max_group",
             "must be between 1 and 1024",
+        );
+        p.check(
+            (1..=100_000).contains(&e.max_group_ops),
+            "economy.max_group_ops",
+            "must be between 1 and 100000",
         );
     }
 }

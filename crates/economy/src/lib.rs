@@ -33,6 +33,7 @@ pub async fn start(config: &EconomyConfig, stop: CancellationToken) -> anyhow::R
         store::CommitSettings {
             committers: config.service.committers,
             max_group: config.service.max_group,
+            max_group_ops: config.service.max_group_ops,
         },
     );
     let economy = Arc::new(handlers::Economy::new(store, config.service.clone()));

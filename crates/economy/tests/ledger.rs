@@ -385,6 +385,88 @@ async fn a_batch_is_all_or_nothing_and_names_the_failing_operation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_keep_their_own_outcomes_when_they_share_a_transaction() {
+    // Batches of more than a few operations queue for one committer, which applies those that
+    // wait together in one transaction: each must still be all-or-nothing on its own.
+    let h = Harness::start().await;
+    let payers: Vec<AgentId> =
+        futures::future::join_all((0..8).map(|_| h.funded_agent(100 * CREDIT))).await;
+    let sink = h.funded_agent(0).await;
+    let batch = |i: usize, each: i64| pb::BatchRequest {
+        idempotency_id: format!("batch-{i}"),
+        ops: (0..20)
+            .map(|_| pb::LedgerOp {
+                op: Some(pb::ledger_op::Op::Transfer(pb::TransferOp {
+                    from: Some(agent_ref(payers[i])),
+                    to: Some(agent_ref(sink)),
+                    amount_micros: each,
+                    memo: format!("batch {i}"),
+                })),
+            })
+            .collect(),
+    };
+    // Batch 3 overdraws at its 17th transfer (17 × 6 > 100); the others move 20 credits each.
+    let requests: Vec<pb::BatchRequest> = (0..8)
+        .map(|i| batch(i, if i == 3 { 6 * CREDIT } else { CREDIT }))
+        .chain([batch(0, CREDIT)]) // a retry racing its original
+        .collect();
+    let replies = futures::future::join_all(
+        requests
+            .iter()
+            .map(|request| h.client.call::<internal::Batch>(request)),
+    )
+    .await;
+    for (i, reply) in replies.iter().enumerate() {
+        if i == 3 {
+            let error = reply.as_ref().unwrap_err();
+            assert_eq!(error.code, ErrorCode::InsufficientFunds, "{error:?}");
+            assert_eq!(
+                error.details.get("op_index").map(String::as_str),
+                Some("16")
+            );
+        } else {
+            let results = &reply.as_ref().unwrap().results;
+            assert_eq!(results.len(), 20, "batch {i}");
+            assert!(results.iter().all(|r| {
+                r.transfer
+                    .as_ref()
+                    .is_some_and(|t| t.memo == format!("batch {}", i % 8))
+            }));
+        }
+    }
+    assert_eq!(
+        replies[8].as_ref().unwrap(),
+        replies[0].as_ref().unwrap(),
+        "the retry replays the first outcome"
+    );
+    for (i, payer) in payers.iter().enumerate() {
+        let expected = if i == 3 { 100 } else { 80 };
+        assert_eq!(
+            h.balance(*payer).await.balance_micros,
+            expected * CREDIT,
+            "payer {i}"
+        );
+    }
+    assert_eq!(h.balance(sink).await.balance_micros, 7 * 20 * CREDIT);
+    // A refused batch is refused again on retry, and its id cannot carry a different body.
+    let again = h
+        .client
+        .call::<internal::Batch>(&batch(3, 6 * CREDIT))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, ErrorCode::InsufficientFunds);
+    let reused = h
+        .client
+        .call::<internal::Batch>(&batch(3, CREDIT))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code, ErrorCode::Conflict);
+    let audit = h.audit().await;
+    assert!(audit.ok, "{audit:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_burns_the_remainder_and_is_final() {
     let h = Harness::start().await;
     let alice = h.funded_agent(10 * CREDIT).await;

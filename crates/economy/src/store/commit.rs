@@ -1,28 +1,33 @@
 //! Applying mutations: concurrent requests share one database transaction.
 //!
-//! Each replica runs a few committers. A committer takes the mutations waiting in the queue
-//! (up to `max_group`) and applies them in one transaction: claim their idempotency ids → lock
-//! every account row involved in (id, shard) order, then their holds in id order → let the rules
-//! apply each mutation on its own, all-or-nothing, over the shared view (one request's refusal
-//! does not touch the others) → write all rows set-based → record each outcome and enqueue the
-//! events → commit once. Under load this divides the per-transaction cost (round trips, locking,
-//! the commit's WAL flush) among the group; alone, a request costs the same as before.
+//! Each replica runs a few committers for small mutations and one for big ones (batches of more
+//! than a few operations), each fed by its own queue. A committer takes the mutations waiting in
+//! its queue (small ones: up to `max_group`; big ones: up to `max_group_ops` operations in all)
+//! and applies them in one transaction: claim their idempotency ids → lock every account row
+//! involved in (id, shard) order, then their holds in id order → let the rules apply each
+//! mutation on its own, all-or-nothing, over the shared view (one request's refusal does not
+//! touch the others) → write all rows set-based → record each outcome and enqueue the events →
+//! commit once. Under load this divides the per-transaction cost (round trips, locking, the
+//! commit's WAL flush, and for batches the account rows they share) among the group; alone, a
+//! request costs the same as before. A group that fails as a whole is retried one mutation at a
+//! time, so one bad request cannot sink the others.
 //!
-//! Mutations that open accounts, and big ones, do not queue: [`apply_alone`] runs them in a
-//! transaction of their own, concurrently with the committers (the fixed locking order makes that
-//! safe). If an opener is refused its transaction rolls back, so the rows reserved for the
-//! accounts vanish, and the refusal is recorded afterwards.
+//! Mutations that open accounts do not queue: [`apply_alone`] runs them in a transaction of their
+//! own, concurrently with the committers (the fixed locking order makes that safe). If an opener
+//! is refused its transaction rolls back, so the rows reserved for the accounts vanish, and the
+//! refusal is recorded afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, SmallInt, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures::FutureExt;
 use prost::Message as _;
 use rand::Rng;
 use syntropism_contracts::{AgentId, Credits, HoldId, RpcError, pb};
+use syntropism_platform::db::PooledConnection;
 use syntropism_platform::outbox;
 use syntropism_platform::sql::sql;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -47,11 +52,20 @@ pub(super) struct Job {
     pub(super) reply: oneshot::Sender<Result<pb::BatchResponse, RpcError>>,
 }
 
+/// How big one committer's groups may grow.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GroupLimits {
+    /// Most mutations in one transaction.
+    pub(super) mutations: usize,
+    /// Most operations in one transaction (a first mutation bigger than this still runs).
+    pub(super) ops: usize,
+}
+
 /// Runs until every sender of the queue is gone.
 pub(super) async fn committer(
     inner: Arc<Inner>,
     queue: Arc<Mutex<mpsc::Receiver<Job>>>,
-    max_group: usize,
+    limits: GroupLimits,
 ) {
     let mut carried: Option<Job> = None;
     loop {
@@ -66,15 +80,19 @@ pub(super) async fn committer(
                 },
             };
             let mut keys = HashSet::from([first.mutation.idempotency_key()]);
+            let mut ops = first.mutation.ops.len();
             group.push(first);
-            while group.len() < max_group {
+            while group.len() < limits.mutations {
                 let Ok(job) = queue.try_recv() else { break };
                 // One id appears once per group: a retry racing its original waits for the
                 // next group, where it finds the original's outcome.
-                if !keys.insert(job.mutation.idempotency_key()) {
+                if ops + job.mutation.ops.len() > limits.ops
+                    || !keys.insert(job.mutation.idempotency_key())
+                {
                     carried = Some(job);
                     break;
                 }
+                ops += job.mutation.ops.len();
                 group.push(job);
             }
         }
@@ -141,22 +159,25 @@ async fn apply_group(inner: &Inner, group: Vec<Job>) {
     let mutations: Vec<&Mutation> = group.iter().map(|job| &job.mutation).collect();
     let outcomes = match inner.connection().await {
         Err(error) => Err(error),
-        Ok(mut conn) => match run_with_retries(inner, &mut conn, &mutations).await {
-            Ok(outcomes) => Ok(Some((conn, outcomes))),
-            // One bad request (e.g. an overflow only the database sees) must not sink the
-            // others: a failed group is retried one mutation at a time.
-            Err(error) if mutations.len() > 1 => {
-                tracing::warn!(%error, size = mutations.len(), "a grouped transaction failed; applying its mutations one by one");
-                Ok(None)
+        Ok(conn) => {
+            let mut conn = TxConn::new(conn);
+            match run_with_retries(inner, &mut conn, &mutations).await {
+                Ok(outcomes) => Ok(Some((conn, outcomes))),
+                // One bad request (e.g. an overflow only the database sees) must not sink the
+                // others: a failed group is retried one mutation at a time.
+                Err(error) if mutations.len() > 1 => {
+                    tracing::warn!(%error, size = mutations.len(), "a grouped transaction failed; applying its mutations one by one");
+                    Ok(None)
+                }
+                Err(error) => Err(error),
             }
-            Err(error) => Err(error),
-        },
+        }
     };
     match outcomes {
         Ok(Some((mut conn, outcomes))) => {
             inner.outbox.notify_one();
             for (job, outcome) in group.into_iter().zip(outcomes) {
-                let answer = outcome.answer(&mut conn, &job.mutation).await;
+                let answer = outcome.answer(conn.get(), &job.mutation).await;
                 let _ = job.reply.send(answer);
             }
         }
@@ -180,33 +201,85 @@ pub(super) async fn apply_alone(
     inner: &Inner,
     mutation: &Mutation,
 ) -> Result<pb::BatchResponse, RpcError> {
-    let mut conn = inner.connection().await?;
+    let mut conn = TxConn::new(inner.connection().await?);
     let outcome = run_with_retries(inner, &mut conn, &[mutation]).await?.pop();
     inner.outbox.notify_one();
     match outcome {
-        Some(outcome) => outcome.answer(&mut conn, mutation).await,
+        Some(outcome) => outcome.answer(conn.get(), mutation).await,
         None => Err(RpcError::internal("a mutation produced no outcome")),
+    }
+}
+
+/// A pooled connection on which this module opens and ends transactions itself: `BEGIN` rides
+/// in a transaction's first pipeline and `COMMIT` in its last, two round trips fewer than
+/// diesel's `transaction` (which awaits each alone). Dropped while a transaction may still be
+/// open (a panic, a failed rollback), the connection leaves the pool instead of serving the next
+/// caller mid-transaction.
+struct TxConn {
+    pooled: Option<PooledConnection>,
+    open: bool,
+}
+
+impl TxConn {
+    fn new(pooled: PooledConnection) -> Self {
+        Self {
+            pooled: Some(pooled),
+            open: false,
+        }
+    }
+
+    fn get(&mut self) -> &mut AsyncPgConnection {
+        self.pooled
+            .as_mut()
+            .expect("the connection is only taken when dropped")
+    }
+
+    /// One transaction: commits when `group_transaction` succeeds (its last pipeline ends with
+    /// `COMMIT`), rolls back otherwise.
+    async fn transaction(
+        &mut self,
+        inner: &Inner,
+        mutations: &[&Mutation],
+    ) -> Result<Vec<Outcome>, TxError> {
+        self.open = true;
+        let result = group_transaction(inner, self.get(), mutations).await;
+        if result.is_ok() {
+            self.open = false;
+            return result;
+        }
+        // Whatever failed, end the transaction (a ROLLBACK outside one only warns).
+        match sql("ROLLBACK").execute(self.get()).await {
+            Ok(_) => self.open = false,
+            Err(error) => tracing::warn!(%error, "rollback failed; the connection will be closed"),
+        }
+        result
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if self.open
+            && let Some(pooled) = self.pooled.take()
+        {
+            drop(PooledConnection::take(pooled));
+        }
     }
 }
 
 async fn run_with_retries(
     inner: &Inner,
-    conn: &mut AsyncPgConnection,
+    conn: &mut TxConn,
     mutations: &[&Mutation],
 ) -> Result<Vec<Outcome>, RpcError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = conn
-            .transaction::<Vec<Outcome>, TxError, _>(async |conn| {
-                group_transaction(inner, conn, mutations).await
-            })
-            .await;
+        let result = conn.transaction(inner, mutations).await;
         return match result {
             Ok(outcomes) => Ok(outcomes),
             Err(TxError::Refused(error)) => match mutations {
                 [mutation] => Ok(vec![Outcome::Decided(
-                    record_error(conn, mutation, &error).await,
+                    record_error(conn.get(), mutation, &error).await,
                 )]),
                 // Only a mutation applied alone is refused this way; in a group, fall back to
                 // applying them one at a time.
@@ -339,7 +412,8 @@ async fn group_transaction(
     let (claimed, reserved, hold_rows, locked, allocated) = if opening.is_empty()
         && hold_ids.is_empty()
     {
-        let (claimed, locked, allocated) = futures::try_join!(
+        let (_, claimed, locked, allocated) = futures::try_join!(
+            sql("BEGIN").execute(&mut &*shared),
             claim.load::<Claimed>(&mut &*shared),
             lock(&[]).load::<AccountRow>(&mut &*shared),
             allocate.get_result::<Allocated>(&mut &*shared),
@@ -372,7 +446,8 @@ async fn group_transaction(
                 .load::<HoldRow>(&mut &*shared)
                 .await
         };
-        let (claimed, inserted, hold_rows, allocated) = futures::try_join!(
+        let (_, claimed, inserted, hold_rows, allocated) = futures::try_join!(
+            sql("BEGIN").execute(&mut &*shared),
             claim.load::<Claimed>(&mut &*shared),
             inserted,
             holds,
@@ -658,6 +733,9 @@ async fn group_transaction(
     if !events.is_empty() {
         writes.push(outbox::insert(&events));
     }
+    // If a write fails, the transaction is aborted and this COMMIT (if sent) rolls it back;
+    // the caller rolls back in any case.
+    writes.push(sql("COMMIT"));
     let shared: &AsyncPgConnection = conn;
     futures::future::try_join_all(writes.into_iter().map(|write| {
         let mut connection = shared;
