@@ -55,7 +55,7 @@ bench-economy seconds="10":
     BENCH_SECONDS={{seconds}} cargo bench -p syntropism-economy --bench economy_load --locked
 
 # Every benchmark.
-bench: bench-economy
+bench: bench-economy bench-clearing
 
 # A psql shell on the project's database as the superuser.
 psql *args:
@@ -64,3 +64,7 @@ psql *args:
 # What CI runs.
 ci:
     .ci/run
+
+# The clearing benchmark: the pure clearing function on 10k, 100k and 1M bids.
+bench-clearing:
+    cargo bench -p syntropism-scheduler --bench clearing --locked
