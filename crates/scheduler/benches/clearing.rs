@@ -32,8 +32,8 @@ fn workload(n: usize, seed: u64) -> (Vec<Bid>, Quantities) {
                 reserve,
                 demand,
                 placed_at: NOW - rng.random_range(0..3_600_000_000),
-                not_before: rng.random_bool(0.1).then(|| NOW + 1_000_000),
-                expires_at: rng.random_bool(0.05).then(|| NOW - 1),
+                not_before: rng.random_bool(0.1).then_some(NOW + 1_000_000),
+                expires_at: rng.random_bool(0.05).then_some(NOW - 1),
             }
         })
         .collect();
