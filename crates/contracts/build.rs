@@ -8,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|ext| ext == "proto"))
         .collect();
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("syntropism/v1").display()
+    );
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

@@ -9,7 +9,9 @@ pub mod error;
 pub mod events;
 pub mod headers;
 pub mod ids;
+pub mod market;
 pub mod rpc;
+pub mod scheduler;
 pub mod subjects;
 pub mod trace;
 

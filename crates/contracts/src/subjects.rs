@@ -10,6 +10,8 @@ pub const EVENTS_WILDCARD: &str = "events.>";
 /// Service names; each is also its queue group, NATS namespace and Postgres schema.
 pub mod services {
     pub const ECONOMY: &str = "economy";
+    pub const MARKET: &str = "market";
+    pub const SCHEDULER: &str = "scheduler";
 }
 
 /// Event subjects of the economy service.
@@ -19,4 +21,20 @@ pub mod economy_events {
     pub const TRANSFERS_POSTED: &str = "events.economy.transfers_posted";
     pub const HOLDS_PLACED: &str = "events.economy.holds_placed";
     pub const HOLDS_RESOLVED: &str = "events.economy.holds_resolved";
+}
+
+/// Event subjects of the market service.
+pub mod market_events {
+    pub const CATALOGUE_CHANGED: &str = "events.market.catalogue_changed";
+    pub const ROUND_RECORDED: &str = "events.market.round_recorded";
+}
+
+/// Event subjects of the scheduler service.
+pub mod scheduler_events {
+    pub const BID_PLACED: &str = "events.scheduler.bid_placed";
+    pub const BID_REJECTED: &str = "events.scheduler.bid_rejected";
+    pub const BID_CANCELLED: &str = "events.scheduler.bid_cancelled";
+    pub const BID_EXPIRED: &str = "events.scheduler.bid_expired";
+    pub const BID_WON: &str = "events.scheduler.bid_won";
+    pub const ROUND_CLEARED: &str = "events.scheduler.round_cleared";
 }
