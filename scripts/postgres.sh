@@ -121,7 +121,9 @@ unix_socket_directories = '$socket_dir_sql'
 # Tests open many pools concurrently.
 max_connections = 400
 shared_buffers = 256MB
-# Durability is part of what we test: never trade it for speed here.
+# Durability is part of what we test: never trade it for speed here. (The outbox relay's
+# deletes alone commit asynchronously, per transaction: losing one only republishes events,
+# which are de-duplicated.)
 fsync = on
 synchronous_commit = on
 # A write-heavy ledger: checkpoint by time, not every ~0.5 GB of WAL (the default 1 GB

@@ -467,6 +467,65 @@ async fn concurrent_batches_keep_their_own_outcomes_when_they_share_a_transactio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_batch_that_opens_an_account_is_all_or_nothing_too() {
+    let h = Harness::start().await;
+    let alice = h.funded_agent(10 * CREDIT).await;
+    let batch = |key: &str, agent: AgentId, each: i64| pb::BatchRequest {
+        idempotency_id: key.into(),
+        ops: std::iter::once(pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::OpenAccount(pb::OpenAccountOp {
+                agent_id: agent.to_string(),
+            })),
+        })
+        .chain((0..20).map(|_| pb::LedgerOp {
+            op: Some(pb::ledger_op::Op::Transfer(pb::TransferOp {
+                from: Some(agent_ref(alice)),
+                to: Some(agent_ref(agent)),
+                amount_micros: each,
+                memo: String::new(),
+            })),
+        }))
+        .collect(),
+    };
+    let (carol, dave) = (AgentId::random(), AgentId::random());
+    // Run side by side: a failing opener and a good one.
+    let failing = batch("big-open-1", carol, CREDIT);
+    let good = batch("big-open-2", dave, CREDIT / 10);
+    let (failed, opened) = futures::join!(
+        h.client.call::<internal::Batch>(&failing),
+        h.client.call::<internal::Batch>(&good),
+    );
+    let error = failed.unwrap_err();
+    assert_eq!(error.code, ErrorCode::InsufficientFunds);
+    // Its 11th transfer overdraws, or its 9th if the good batch went first.
+    let index = error.details.get("op_index").map(String::as_str);
+    assert!(matches!(index, Some("9" | "11")), "{index:?}");
+    assert_eq!(opened.unwrap().results.len(), 21);
+    let missing = h
+        .client
+        .call::<internal::Balance>(&pb::BalanceRequest {
+            account: Some(agent_ref(carol)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.code,
+        ErrorCode::NotFound,
+        "carol's opening rolled back"
+    );
+    assert_eq!(h.balance(dave).await.balance_micros, 2 * CREDIT);
+    assert_eq!(h.balance(alice).await.balance_micros, 8 * CREDIT);
+    let again = h
+        .client
+        .call::<internal::Batch>(&failing)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, ErrorCode::InsufficientFunds);
+    assert!(h.audit().await.ok);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_burns_the_remainder_and_is_final() {
     let h = Harness::start().await;
     let alice = h.funded_agent(10 * CREDIT).await;

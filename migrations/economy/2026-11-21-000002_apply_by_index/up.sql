@@ -53,7 +53,12 @@ CREATE OR REPLACE FUNCTION release_holds() RETURNS trigger LANGUAGE plpgsql
 SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off AS $$
 BEGIN
     -- guard_holds lets an UPDATE through only when it moves a pending hold to posted or
-    -- voided, so every row here was pending and is now resolved.
+    -- voided, so every row here was pending and is now resolved. (Checked again, cheaply, for
+    -- the half of that this function can see.)
+    IF EXISTS (SELECT 1 FROM new_holds WHERE status = 'pending') THEN
+        RAISE EXCEPTION 'a hold only moves from pending to posted or voided'
+            USING ERRCODE = 'restrict_violation';
+    END IF;
     UPDATE accounts a SET pending = a.pending - r.amount
     FROM (SELECT debit_id, sum(amount)::bigint AS amount FROM new_holds
           GROUP BY debit_id ORDER BY debit_id) r

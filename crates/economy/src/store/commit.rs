@@ -12,10 +12,11 @@
 //! request costs the same as before. A group that fails as a whole is retried one mutation at a
 //! time, so one bad request cannot sink the others.
 //!
-//! Mutations that open accounts do not queue: [`apply_alone`] runs them in a transaction of their
-//! own, concurrently with the committers (the fixed locking order makes that safe). If an opener
-//! is refused its transaction rolls back, so the rows reserved for the accounts vanish, and the
-//! refusal is recorded afterwards.
+//! Mutations that open accounts run in a transaction of their own: small ones at once
+//! ([`apply_alone`], concurrently with the committers — the fixed locking order makes that
+//! safe), big ones in turn on the committer of big mutations. If an opener is refused its
+//! transaction rolls back, so the rows reserved for the accounts vanish, and the refusal is
+//! recorded afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -81,12 +82,16 @@ pub(super) async fn committer(
             };
             let mut keys = HashSet::from([first.mutation.idempotency_key()]);
             let mut ops = first.mutation.ops.len();
+            // A mutation that opens accounts runs alone: if it is refused, its transaction
+            // rolls back (the rows reserved for the accounts must vanish).
+            let alone = first.mutation.opens_accounts();
             group.push(first);
-            while group.len() < limits.mutations {
+            while !alone && group.len() < limits.mutations {
                 let Ok(job) = queue.try_recv() else { break };
                 // One id appears once per group: a retry racing its original waits for the
                 // next group, where it finds the original's outcome.
                 if ops + job.mutation.ops.len() > limits.ops
+                    || job.mutation.opens_accounts()
                     || !keys.insert(job.mutation.idempotency_key())
                 {
                     carried = Some(job);
@@ -275,6 +280,13 @@ async fn run_with_retries(
     loop {
         attempt += 1;
         let result = conn.transaction(inner, mutations).await;
+        if result.is_err() && conn.open {
+            // The rollback failed: the connection is unusable (it is closed when dropped), so
+            // neither the refusal nor the stored outcome can be read or written on it.
+            return Err(RpcError::unavailable(
+                "the database connection failed mid-transaction",
+            ));
+        }
         return match result {
             Ok(outcomes) => Ok(outcomes),
             Err(TxError::Refused(error)) => match mutations {

@@ -136,14 +136,15 @@ impl Store {
 
     /// Applies a mutation exactly once per idempotency id: a retry gets the first outcome.
     ///
-    /// Small mutations queue for the committers, which group them; big ones (and those that open
-    /// accounts) take their own transaction at once, so a large batch never holds up the queue.
+    /// Small mutations queue for the committers, which group them; big ones queue for the
+    /// committer of big mutations, which groups those waiting together (one that opens accounts
+    /// runs alone there), so a large batch never holds up the small ones. A small mutation that
+    /// opens accounts takes its own transaction at once.
     pub async fn mutate(&self, mutation: Mutation) -> Result<pb::BatchResponse, RpcError> {
-        if mutation.opens_accounts() {
-            return commit::apply_alone(&self.inner, &mutation).await;
-        }
         let queue = if mutation.ops.len() > MAX_GROUPED_OPS {
             &self.big
+        } else if mutation.opens_accounts() {
+            return commit::apply_alone(&self.inner, &mutation).await;
         } else {
             &self.small
         };
