@@ -36,6 +36,10 @@ run *services:
 run-economy:
     scripts/run.sh economy
 
+# Run the market service alone.
+run-market:
+    scripts/run.sh market
+
 # Run the whole test suite against real PostgreSQL and nats-server (args go to nextest).
 test *args:
     scripts/test.sh {{args}}

@@ -1,0 +1,2 @@
+DROP TABLE outbox, rounds, catalogue;
+DROP FUNCTION is_vector;
