@@ -231,8 +231,7 @@ impl Store {
         decide: impl FnOnce(&Catalogue) -> Decision<Catalogue> + Send,
     ) -> Result<Catalogue, RpcError> {
         let mut conn = self.connection().await?;
-        let result = conn
-            .transaction::<Result<Catalogue, RpcError>, diesel::result::Error, _>(async |conn| {
+        conn.transaction::<Result<Catalogue, RpcError>, diesel::result::Error, _>(async |conn| {
                 let rows: Vec<CatalogueRow> = sql(format!("{CATALOGUE_SELECT} FOR UPDATE"))
                     .load(conn)
                     .await?;
@@ -259,8 +258,7 @@ impl Store {
                 Ok(Ok(next))
             })
             .await
-            .map_err(db_error)?;
-        result
+            .map_err(db_error)?
     }
 
     /// Records a round once: `decide` sees the catalogue locked and the round's earlier record,
