@@ -40,6 +40,10 @@ run-economy:
 run-market:
     scripts/run.sh market
 
+# Run the scheduler service alone.
+run-scheduler:
+    scripts/run.sh scheduler
+
 # Run the whole test suite against real PostgreSQL and nats-server (args go to nextest).
 test *args:
     scripts/test.sh {{args}}

@@ -7,9 +7,9 @@
 # this script only fills in the local URLs where they are not already set.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_SERVICES=(economy market)
+ALL_SERVICES=(economy market scheduler)
 # Health/metrics ports, one per service (see README).
-declare -A HTTP_PORTS=([economy]=9101 [market]=9102)
+declare -A HTTP_PORTS=([economy]=9101 [market]=9102 [scheduler]=9103)
 
 services=("$@")
 [[ ${#services[@]} -gt 0 ]] || services=("${ALL_SERVICES[@]}")

@@ -386,3 +386,21 @@ pub fn clear(bids: &[Bid], supply: Quantities, now: i64, rules: Rules<'_>) -> Cl
         supply,
     }
 }
+
+/// An ordering rule by its configured name.
+pub fn ordering_named(name: &str) -> Option<&'static dyn OrderingRule> {
+    match name {
+        "amount" => Some(&ByAmount),
+        "density" => Some(&ByDensity),
+        _ => None,
+    }
+}
+
+/// A payment rule by its configured name.
+pub fn payment_named(name: &str) -> Option<&'static dyn PaymentRule> {
+    match name {
+        "pay_as_bid" => Some(&PayAsBid),
+        "critical_value" => Some(&CriticalValue),
+        _ => None,
+    }
+}
