@@ -73,6 +73,8 @@ psql *args:
 ci:
     .ci/run
 
-# The clearing benchmark: the pure clearing function on 10k, 100k and 1M bids.
+# The clearing benchmarks: the pure clearing function on 10k, 100k and 1M bids, then one full
+# round with 10k pending bids through NATS, Postgres and escrow settlement.
 bench-clearing:
     cargo bench -p syntropism-scheduler --bench clearing --locked
+    cargo bench -p syntropism-scheduler --bench round --locked

@@ -28,6 +28,8 @@ use crate::store::{BID_COLUMNS, BidRow, ROUND_COLUMNS, RoundRow, time_from, time
 
 /// Bids that hold or may still hold escrow and count against the per-agent limit.
 const OPEN_STATUSES: &str = "('placing', 'pending', 'settling', 'cancelling')";
+/// Operations per settlement batch (the economy takes at most 5,000).
+const SETTLEMENT_CHUNK: usize = 2_000;
 /// Economy calls are retried this many times on retryable failures.
 const ECONOMY_ATTEMPTS: u32 = 3;
 
@@ -946,18 +948,33 @@ impl Scheduler {
         if let Some(settlement) = &row.settlement {
             let batch = pb::BatchRequest::decode(settlement.as_slice())
                 .map_err(|e| RpcError::internal(format!("stored settlement: {e}")))?;
-            self.economy::<economy::Batch>(&batch).await.map_err(|error| {
-                if error.is_retryable() {
-                    error
-                } else {
-                    tracing::error!(%error, round = row.round, "the economy refused a round's settlement");
-                    RpcError::internal(format!(
-                        "the economy refused round {}'s settlement: {error}",
-                        row.round
-                    ))
-                    .with_reason("settlement_refused")
-                }
-            })?;
+            // In economy batches of at most SETTLEMENT_CHUNK operations, each idempotent under
+            // its own id, side by side (the economy groups them into shared transactions).
+            let chunks = batch
+                .ops
+                .chunks(SETTLEMENT_CHUNK)
+                .enumerate()
+                .map(|(i, ops)| {
+                    let request = pb::BatchRequest {
+                        idempotency_id: key(format!("{}:{i}", batch.idempotency_id)).to_string(),
+                        ops: ops.to_vec(),
+                    };
+                    async move { self.economy::<economy::Batch>(&request).await }
+                });
+            for result in futures::future::join_all(chunks).await {
+                result.map_err(|error| {
+                    if error.is_retryable() {
+                        error
+                    } else {
+                        tracing::error!(%error, round = row.round, "the economy refused a round's settlement");
+                        RpcError::internal(format!(
+                            "the economy refused round {}'s settlement: {error}",
+                            row.round
+                        ))
+                        .with_reason("settlement_refused")
+                    }
+                })?;
+            }
         }
         let response = pb::ClearResponse::decode(row.response.as_slice())
             .map_err(|e| RpcError::internal(format!("stored round response: {e}")))?;
