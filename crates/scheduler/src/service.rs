@@ -28,8 +28,9 @@ use crate::store::{BID_COLUMNS, BidRow, ROUND_COLUMNS, RoundRow, time_from, time
 
 /// Bids that hold or may still hold escrow and count against the per-agent limit.
 const OPEN_STATUSES: &str = "('placing', 'pending', 'settling', 'cancelling')";
-/// Operations per settlement batch (the economy takes at most 5,000).
-const SETTLEMENT_CHUNK: usize = 2_000;
+/// Operations per settlement batch: as many as the economy takes in one, so a round of up to
+/// that many winners and expiries settles in one atomic request.
+const SETTLEMENT_CHUNK: usize = syntropism_contracts::economy::MAX_BATCH_OPS;
 /// Economy calls are retried this many times on retryable failures.
 const ECONOMY_ATTEMPTS: u32 = 3;
 
@@ -744,6 +745,7 @@ impl Scheduler {
         }
         let round = request.round as i64;
         self.finish_cancellations(&ctx.correlation_id).await;
+        self.finish_placements(&ctx).await;
         let mut row = match self.load_round(round).await? {
             Some(row) => row,
             None => self.plan_round(round).await?,
@@ -756,7 +758,7 @@ impl Scheduler {
                 .ok_or_else(|| RpcError::internal("a round vanished"))?;
         }
         if row.status == "settled" {
-            self.report_round(&row).await?;
+            self.report_round(&ctx.correlation_id, &row).await?;
             row = self
                 .load_round(round)
                 .await?
@@ -796,6 +798,33 @@ impl Scheduler {
         for row in rows {
             if let Err(error) = self.finish_cancel(correlation_id, row).await {
                 tracing::warn!(%error, "could not finish a cancellation; will retry");
+            }
+        }
+    }
+
+    /// Placements a crash (or a lost economy reply) left without an answer for over a minute:
+    /// ask for their escrow again (the same idempotency id, so at most one hold) and make them
+    /// pending or rejected.
+    async fn finish_placements(&self, ctx: &RequestContext) {
+        let Ok(mut conn) = self.connection().await else {
+            return;
+        };
+        let rows: Vec<BidRow> = match sql(format!(
+            "SELECT {BID_COLUMNS} FROM bids WHERE status = 'placing' \
+             AND placed_at < now() - interval '1 minute' ORDER BY id LIMIT 1000"
+        ))
+        .load(&mut conn)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(_) => return,
+        };
+        drop(conn);
+        for row in rows {
+            if let Err(error) = self.escrow(ctx, row).await
+                && error.is_retryable()
+            {
+                tracing::warn!(%error, "could not finish a placement; will retry");
             }
         }
     }
@@ -1028,26 +1057,6 @@ impl Scheduler {
                         &format!("round/{round}"),
                     ));
                 }
-                events.push(
-                    self.event(
-                        scheduler_events::ROUND_CLEARED,
-                        &pb::RoundCleared {
-                            round: round as u64,
-                            cleared_at: response.cleared_at,
-                            bids_due: response.bids_due,
-                            winners: response.allocations.len() as u32,
-                            expired: response.expired,
-                            supply: pb::ReportRoundRequest::decode(row.report.as_slice())
-                                .ok()
-                                .and_then(|r| r.supply),
-                            used: response.used,
-                            discovered: None,
-                            paid_micros: paid.iter().sum(),
-                        },
-                        correlation_id,
-                        &format!("round/{round}"),
-                    ),
-                );
                 outbox::enqueue(conn, &events).await?;
                 Ok(true)
             })
@@ -1060,7 +1069,7 @@ impl Scheduler {
     }
 
     /// Tells the market about the round and keeps the prices it discovered in the reply.
-    async fn report_round(&self, row: &RoundRow) -> Result<(), RpcError> {
+    async fn report_round(&self, correlation_id: &str, row: &RoundRow) -> Result<(), RpcError> {
         let report = pb::ReportRoundRequest::decode(row.report.as_slice())
             .map_err(|e| RpcError::internal(format!("stored report: {e}")))?;
         let summary = self
@@ -1072,13 +1081,40 @@ impl Scheduler {
         let mut response = pb::ClearResponse::decode(row.response.as_slice())
             .map_err(|e| RpcError::internal(format!("stored round response: {e}")))?;
         response.discovered = summary.discovered;
+        // The round is complete: announce it with the prices it led to.
+        let cleared = self.event(
+            scheduler_events::ROUND_CLEARED,
+            &pb::RoundCleared {
+                round: response.round,
+                cleared_at: response.cleared_at,
+                bids_due: response.bids_due,
+                winners: response.allocations.len() as u32,
+                expired: response.expired,
+                supply: report.supply,
+                used: response.used,
+                discovered: response.discovered,
+                paid_micros: response.allocations.iter().map(|a| a.paid_micros).sum(),
+            },
+            correlation_id,
+            &format!("round/{}", row.round),
+        );
+        let encoded = response.encode_to_vec();
+        let round = row.round;
         let mut conn = self.connection().await?;
-        sql("UPDATE rounds SET status = 'reported', response = $2 WHERE round = $1 AND status = 'settled'")
-            .bind::<BigInt, _>(row.round)
-            .bind::<Bytea, _>(response.encode_to_vec())
-            .execute(&mut conn)
-            .await
-            .map_err(db_error)?;
+        conn.transaction::<(), diesel::result::Error, _>(async |conn| {
+            let n = sql("UPDATE rounds SET status = 'reported', response = $2 WHERE round = $1 AND status = 'settled'")
+                .bind::<BigInt, _>(round)
+                .bind::<Bytea, _>(encoded)
+                .execute(conn)
+                .await?;
+            if n == 1 {
+                outbox::enqueue(conn, std::slice::from_ref(&cleared)).await?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(db_error)?;
+        self.outbox.notify_one();
         Ok(())
     }
 }

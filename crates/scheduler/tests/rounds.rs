@@ -210,6 +210,17 @@ async fn two_replicas_clear_every_round_exactly_once() {
         let total = stream.info().await.unwrap().state.messages;
         for sequence in 1..=total {
             let message = stream.get_raw_message(sequence).await.unwrap();
+            if message.subject.as_str() == "events.scheduler.round_cleared" {
+                let envelope: pb::EventEnvelope =
+                    prost::Message::decode(message.payload.clone()).unwrap();
+                let cleared: pb::RoundCleared =
+                    syntropism_contracts::events::open(&envelope).unwrap();
+                assert_eq!(cleared.winners, 4);
+                assert!(
+                    cleared.discovered.is_some(),
+                    "a cleared round carries its prices"
+                );
+            }
             *counts.entry(message.subject.to_string()).or_default() += 1;
         }
         if counts.get("events.scheduler.round_cleared") == Some(&3)
