@@ -210,6 +210,11 @@ impl Market {
         ctx: RequestContext,
         request: pb::ReportRoundRequest,
     ) -> Result<pb::ReportRoundResponse, RpcError> {
+        if request.round > i64::MAX as u64 {
+            return Err(RpcError::invalid_argument("round is too large")
+                .with_reason("invalid_field")
+                .with_detail("field", "round"));
+        }
         let supply = supply_vector(request.supply.as_ref().ok_or_else(|| {
             RpcError::invalid_argument("supply is required")
                 .with_reason("missing_field")
@@ -366,6 +371,16 @@ impl Market {
         ctx: RequestContext,
         request: pb::UpdateCatalogueRequest,
     ) -> Result<pb::UpdateCatalogueResponse, RpcError> {
+        if request.supply.is_none()
+            && request.max_window_ms.is_none()
+            && request.reserve.is_none()
+            && request.floor.is_none()
+            && request.ceiling.is_none()
+            && request.price_rule.is_none()
+        {
+            return Err(RpcError::invalid_argument("the update changes nothing")
+                .with_reason("empty_update"));
+        }
         let reserve = request
             .reserve
             .as_ref()
@@ -468,6 +483,7 @@ pub fn reserve_value(bundle: &pb::Bundle, catalogue: &Catalogue) -> Result<u64, 
     value_micros(&bundle_from(bundle), &catalogue.reserve).map_err(|_| {
         RpcError::invalid_argument("the bundle is too large to price")
             .with_reason("bundle_too_large")
+            .with_detail("field", "bundle")
     })
 }
 

@@ -28,9 +28,10 @@ use crate::store::{BID_COLUMNS, BidRow, ROUND_COLUMNS, RoundRow, time_from, time
 
 /// Bids that hold or may still hold escrow and count against the per-agent limit.
 const OPEN_STATUSES: &str = "('placing', 'pending', 'settling', 'cancelling')";
-/// Operations per settlement batch: as many as the economy takes in one, so a round of up to
-/// that many winners and expiries settles in one atomic request.
-const SETTLEMENT_CHUNK: usize = syntropism_contracts::economy::MAX_BATCH_OPS;
+/// Operations per settlement batch: a round of up to this many winners and expiries settles
+/// in one atomic economy request. (The economy takes 5,000 operations, but its reply, about
+/// 210 bytes per posted hold, must fit a NATS message.)
+const SETTLEMENT_CHUNK: usize = 3_000;
 /// Economy calls are retried this many times on retryable failures.
 const ECONOMY_ATTEMPTS: u32 = 3;
 
@@ -339,7 +340,12 @@ impl Scheduler {
         let mut conn = self.connection().await?;
         match hold {
             Ok(response) => {
-                let hold_id = response.hold.map(|h| h.id).unwrap_or_default();
+                let Some(hold_id) = response.hold.map(|h| h.id).filter(|id| *id > 0) else {
+                    // Leave the bid placing: a retry (or the sweep before a round) asks again.
+                    return Err(RpcError::internal(
+                        "the economy answered a hold without its id",
+                    ));
+                };
                 let mut placed = row.clone();
                 placed.status = "pending".into();
                 placed.hold_id = Some(hold_id);
@@ -373,7 +379,19 @@ impl Scheduler {
                     bid: Some(current.to_message()),
                 })
             }
-            Err(error) if !error.is_retryable() => {
+            // Only a definite refusal means no hold exists; anything else (a reply we could not
+            // read, an internal error) leaves the bid placing, to be asked again.
+            Err(error)
+                if matches!(
+                    error.code,
+                    ErrorCode::InsufficientFunds
+                        | ErrorCode::FailedPrecondition
+                        | ErrorCode::NotFound
+                        | ErrorCode::InvalidArgument
+                        | ErrorCode::Conflict
+                        | ErrorCode::Forbidden
+                ) =>
+            {
                 let event = self.event(
                     scheduler_events::BID_REJECTED,
                     &pb::BidRejected {
@@ -504,12 +522,14 @@ impl Scheduler {
             .map(|t| time_from(t, "not_before"))
             .transpose()?;
         if let Some(not_before) = not_before
-            && not_before >= expires_at
+            && (not_before >= expires_at
+                || not_before
+                    < now - chrono::Duration::milliseconds(self.config.max_bid_lifetime_ms as i64))
         {
             return Err(invalid(
                 "not_before",
                 "invalid_time",
-                "not_before must be before expires_at",
+                "not_before must be before expires_at (and not long past)",
             ));
         }
         // Within one window's limits: no longer than the longest window, no more of a resource
@@ -746,26 +766,69 @@ impl Scheduler {
         let round = request.round as i64;
         self.finish_cancellations(&ctx.correlation_id).await;
         self.finish_placements(&ctx).await;
-        let mut row = match self.load_round(round).await? {
+        self.finish_earlier_rounds(&ctx.correlation_id, round).await;
+        let row = match self.load_round(round).await? {
             Some(row) => row,
             None => self.plan_round(round).await?,
         };
+        let row = self.finish_round(&ctx.correlation_id, row).await?;
+        pb::ClearResponse::decode(row.response.as_slice())
+            .map_err(|e| RpcError::internal(format!("stored round response: {e}")))
+    }
+
+    /// Settles a planned round and reports a settled one. The allocations stand once the round
+    /// is settled: if the market cannot be told now, it is told before a later round.
+    async fn finish_round(
+        &self,
+        correlation_id: &str,
+        mut row: RoundRow,
+    ) -> Result<RoundRow, RpcError> {
+        let round = row.round;
         if row.status == "planned" {
-            self.settle_round(&ctx.correlation_id, &row).await?;
+            self.settle_round(correlation_id, &row).await?;
             row = self
                 .load_round(round)
                 .await?
                 .ok_or_else(|| RpcError::internal("a round vanished"))?;
         }
         if row.status == "settled" {
-            self.report_round(&ctx.correlation_id, &row).await?;
-            row = self
-                .load_round(round)
-                .await?
-                .ok_or_else(|| RpcError::internal("a round vanished"))?;
+            match self.report_round(correlation_id, &row).await {
+                Ok(()) => {
+                    row = self
+                        .load_round(round)
+                        .await?
+                        .ok_or_else(|| RpcError::internal("a round vanished"))?;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, round, "could not report the round to the market; will retry");
+                }
+            }
         }
-        pb::ClearResponse::decode(row.response.as_slice())
-            .map_err(|e| RpcError::internal(format!("stored round response: {e}")))
+        Ok(row)
+    }
+
+    /// Rounds a crash or an unreachable market left unfinished, whatever round is asked for now.
+    async fn finish_earlier_rounds(&self, correlation_id: &str, except: i64) {
+        let Ok(mut conn) = self.connection().await else {
+            return;
+        };
+        let rows: Vec<RoundRow> = match sql(format!(
+            "SELECT {ROUND_COLUMNS} FROM rounds WHERE status IN ('planned', 'settled') AND round <> $1 \
+             ORDER BY round LIMIT 10"
+        ))
+        .bind::<BigInt, _>(except)
+        .load(&mut conn)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(_) => return,
+        };
+        drop(conn);
+        for row in rows {
+            if let Err(error) = self.finish_round(correlation_id, row).await {
+                tracing::warn!(%error, "could not finish an earlier round; will retry");
+            }
+        }
     }
 
     async fn load_round(&self, round: i64) -> Result<Option<RoundRow>, RpcError> {
@@ -974,9 +1037,24 @@ impl Scheduler {
     /// Posts the winners' escrow to burn for their price and releases the expired, in one
     /// idempotent economy batch; then marks the bids (once, whoever gets there first).
     async fn settle_round(&self, correlation_id: &str, row: &RoundRow) -> Result<(), RpcError> {
+        let mut response = pb::ClearResponse::decode(row.response.as_slice())
+            .map_err(|e| RpcError::internal(format!("stored round response: {e}")))?;
+        let mut report = pb::ReportRoundRequest::decode(row.report.as_slice())
+            .map_err(|e| RpcError::internal(format!("stored report: {e}")))?;
+        // Bids whose own settlement the economy refused (see below).
+        let mut failed: Vec<i64> = Vec::new();
         if let Some(settlement) = &row.settlement {
             let batch = pb::BatchRequest::decode(settlement.as_slice())
                 .map_err(|e| RpcError::internal(format!("stored settlement: {e}")))?;
+            // The ops are the winners' posts in allocation order, then the expiries' voids.
+            let winners = response.allocations.len();
+            let bid_of = |i: usize| {
+                if i < winners {
+                    response.allocations[i].bid_id
+                } else {
+                    row.expired.get(i - winners).copied().unwrap_or_default()
+                }
+            };
             // In economy batches of at most SETTLEMENT_CHUNK operations, each idempotent under
             // its own id, side by side (the economy groups them into shared transactions).
             let chunks = batch
@@ -990,39 +1068,100 @@ impl Scheduler {
                     };
                     async move { self.economy::<economy::Batch>(&request).await }
                 });
-            for result in futures::future::join_all(chunks).await {
-                result.map_err(|error| {
-                    if error.is_retryable() {
-                        error
-                    } else {
-                        tracing::error!(%error, round = row.round, "the economy refused a round's settlement");
-                        RpcError::internal(format!(
-                            "the economy refused round {}'s settlement: {error}",
-                            row.round
-                        ))
-                        .with_reason("settlement_refused")
+            let results = futures::future::join_all(chunks).await;
+            for (chunk, result) in results.into_iter().enumerate() {
+                let error = match result {
+                    Ok(_) => continue,
+                    Err(error) if error.is_retryable() => return Err(error),
+                    Err(error) => error,
+                };
+                // A batch is all-or-nothing: one bad operation must not hold the whole round
+                // (and every bid in it) hostage. Settle this chunk's operations one by one,
+                // each under its own id; a bid whose own operation is refused is left out.
+                tracing::error!(%error, round = row.round, chunk, "the economy refused a settlement batch; settling its operations one by one");
+                let start = chunk * SETTLEMENT_CHUNK;
+                let end = (start + SETTLEMENT_CHUNK).min(batch.ops.len());
+                for (offset, op) in batch.ops[start..end].iter().enumerate() {
+                    let id = key(format!("{}:{chunk}:{offset}", batch.idempotency_id)).to_string();
+                    let result = match &op.op {
+                        Some(pb::ledger_op::Op::PostHold(post)) => self
+                            .economy::<economy::PostHold>(&pb::PostHoldRequest {
+                                idempotency_id: id,
+                                op: Some(*post),
+                            })
+                            .await
+                            .map(drop),
+                        Some(pb::ledger_op::Op::VoidHold(void)) => self
+                            .economy::<economy::VoidHold>(&pb::VoidHoldRequest {
+                                idempotency_id: id,
+                                op: Some(*void),
+                            })
+                            .await
+                            .map(drop),
+                        _ => Ok(()),
+                    };
+                    match result {
+                        Ok(()) => {}
+                        Err(error) if error.is_retryable() => return Err(error),
+                        Err(error) => {
+                            let bid = bid_of(start + offset);
+                            tracing::error!(%error, bid, round = row.round, "the economy refused a bid's settlement; the bid is left out of the round");
+                            failed.push(bid);
+                        }
                     }
-                })?;
+                }
             }
         }
-        let response = pb::ClearResponse::decode(row.response.as_slice())
-            .map_err(|e| RpcError::internal(format!("stored round response: {e}")))?;
+        // A winner whose payment was refused did not win: it goes back to pending (its escrow
+        // was not taken). An expiry whose release was refused held nothing to release.
+        if !failed.is_empty() {
+            response.allocations.retain(|a| !failed.contains(&a.bid_id));
+            report.winners = response
+                .allocations
+                .iter()
+                .map(|a| pb::RoundWinner {
+                    bundle: a.bundle,
+                    paid_micros: a.paid_micros,
+                })
+                .collect();
+            let mut used = pb::Supply::default();
+            for a in &response.allocations {
+                let b = a.bundle.unwrap_or_default();
+                used.cpu_millicores += b.cpu_millicores;
+                used.memory_mib += b.memory_mib;
+                used.llm_tokens += b.llm_tokens;
+                used.attention_slots += b.attention_slots;
+            }
+            response.used = Some(used);
+        }
         let won: Vec<i64> = response.allocations.iter().map(|a| a.bid_id).collect();
         let paid: Vec<i64> = response.allocations.iter().map(|a| a.paid_micros).collect();
+        let encoded_response = response.encode_to_vec();
+        let encoded_report = report.encode_to_vec();
         let round = row.round;
         let expired = row.expired.clone();
         let mut conn = self.connection().await?;
         let settled = conn
             .transaction::<bool, diesel::result::Error, _>(async |conn| {
                 let n = sql(
-                    "UPDATE rounds SET status = 'settled' WHERE round = $1 AND status = 'planned'",
+                    "UPDATE rounds SET status = 'settled', response = $2, report = $3 \
+                     WHERE round = $1 AND status = 'planned'",
                 )
                 .bind::<BigInt, _>(round)
+                .bind::<Bytea, _>(encoded_response.clone())
+                .bind::<Bytea, _>(encoded_report.clone())
                 .execute(conn)
                 .await?;
                 if n == 0 {
                     return Ok(false);
                 }
+                sql("UPDATE bids SET status = 'pending', round = NULL \
+                     WHERE id = ANY($1) AND round = $2 AND NOT (id = ANY($3))")
+                .bind::<Array<BigInt>, _>(failed.clone())
+                .bind::<BigInt, _>(round)
+                .bind::<Array<BigInt>, _>(expired.clone())
+                .execute(conn)
+                .await?;
                 sql(
                     "UPDATE bids b SET status = 'won', paid_micros = x.paid, resolved_at = now() \
                      FROM unnest($1::bigint[], $2::bigint[]) AS x(id, paid) WHERE b.id = x.id",

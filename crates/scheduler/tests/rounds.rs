@@ -453,3 +453,80 @@ async fn hostile_bids_get_clear_errors_and_change_nothing() {
     assert!(h.audit().await.ok);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bid_the_economy_refuses_to_settle_is_left_out_and_the_round_goes_on() {
+    let h = Harness::start(&[]).await;
+    let agents: Vec<AgentId> =
+        futures::future::join_all((0..3).map(|_| h.funded_agent(50 * CREDIT))).await;
+    let reserve = h.reserve(window(1000)).await;
+    let mut bids = Vec::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let bid = h
+            .client
+            .call_as::<agent::PlaceBid>(
+                agent,
+                &pb::PlaceBidRequest {
+                    idempotency_id: format!("b{i}"),
+                    bundle: Some(window(1000)),
+                    amount_micros: reserve + i as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .bid
+            .unwrap();
+        bids.push(bid);
+    }
+    // Someone releases the second bid's escrow behind the scheduler's back: posting it will be
+    // refused, which must not sink the round (nor charge anyone twice).
+    h.client
+        .call::<syntropism_contracts::economy::internal::VoidHold>(&pb::VoidHoldRequest {
+            idempotency_id: "tamper".into(),
+            op: Some(pb::VoidHoldOp {
+                hold_id: bids[1].hold_id,
+            }),
+        })
+        .await
+        .unwrap();
+    let cleared = h
+        .client
+        .call::<internal::Clear>(&pb::ClearRequest { round: 1 })
+        .await
+        .unwrap();
+    let won: Vec<i64> = cleared.allocations.iter().map(|a| a.bid_id).collect();
+    assert_eq!(
+        won,
+        vec![bids[2].id, bids[0].id],
+        "the refused bid is left out"
+    );
+    assert_eq!(cleared.used.unwrap().cpu_millicores, 2000);
+    for i in [0, 2] {
+        assert_eq!(
+            h.account(agents[i]).await.balance_micros,
+            50 * CREDIT - bids[i].amount_micros
+        );
+    }
+    let second = h
+        .client
+        .call_as::<agent::ListBids>(&agents[1], &pb::ListBidsRequest::default())
+        .await
+        .unwrap()
+        .bids;
+    assert_eq!(
+        second[0].status,
+        pb::BidStatus::Pending as i32,
+        "back to pending, not charged"
+    );
+    assert_eq!(h.account(agents[1]).await.balance_micros, 50 * CREDIT);
+    // The round answers the same on a retry, and the books balance.
+    let again = h
+        .client
+        .call::<internal::Clear>(&pb::ClearRequest { round: 1 })
+        .await
+        .unwrap();
+    assert_eq!(again, cleared);
+    assert!(h.audit().await.ok);
+    h.stop().await;
+}

@@ -44,6 +44,9 @@ CREATE TABLE bids (
 );
 CREATE INDEX bids_open ON bids (status, id) WHERE status IN ('placing', 'pending', 'cancelling', 'settling');
 CREATE INDEX bids_by_bidder ON bids (bidder, id DESC);
+CREATE INDEX bids_open_by_bidder ON bids (bidder)
+    WHERE status IN ('placing', 'pending', 'settling', 'cancelling');
+CREATE INDEX bids_by_round ON bids (round) WHERE round IS NOT NULL;
 
 -- Each clearing round, exactly once: its clock and plan are stored before the economy is asked
 -- to settle it, so a retry (or another replica) finishes the same round the same way.
