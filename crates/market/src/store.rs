@@ -134,8 +134,28 @@ const ROUND_SELECT: &str = "SELECT round, cleared_at, bids_due, winners, supply,
      utilisation_ppm, paid_micros, discovered, price_rule, request_hash FROM rounds";
 
 pub(crate) fn db_error(error: diesel::result::Error) -> RpcError {
-    tracing::warn!(%error, "database error");
-    RpcError::unavailable(format!("database error: {error}"))
+    use diesel::result::{DatabaseErrorKind, Error};
+    match &error {
+        // The database refused a write the service believed valid: a bug, not worth retrying.
+        Error::DatabaseError(
+            DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::UniqueViolation,
+            info,
+        ) => {
+            tracing::error!(message = info.message(), "the database refused a write");
+            RpcError::internal(format!("the database refused a write: {}", info.message()))
+        }
+        Error::DatabaseError(_, info) if info.message().contains("out of range") => {
+            RpcError::invalid_argument(format!("a value is out of range: {}", info.message()))
+                .with_reason("out_of_range")
+        }
+        _ => {
+            tracing::warn!(%error, "database error");
+            RpcError::unavailable(format!("database error: {error}"))
+        }
+    }
 }
 
 /// What a write decided: committed with these events, or refused.

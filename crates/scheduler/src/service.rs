@@ -74,8 +74,28 @@ pub async fn register(
 }
 
 fn db_error(error: diesel::result::Error) -> RpcError {
-    tracing::warn!(%error, "database error");
-    RpcError::unavailable(format!("database error: {error}"))
+    use diesel::result::{DatabaseErrorKind, Error};
+    match &error {
+        // The database refused a write the service believed valid: a bug, not worth retrying.
+        Error::DatabaseError(
+            DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::UniqueViolation,
+            info,
+        ) => {
+            tracing::error!(message = info.message(), "the database refused a write");
+            RpcError::internal(format!("the database refused a write: {}", info.message()))
+        }
+        Error::DatabaseError(_, info) if info.message().contains("out of range") => {
+            RpcError::invalid_argument(format!("a value is out of range: {}", info.message()))
+                .with_reason("out_of_range")
+        }
+        _ => {
+            tracing::warn!(%error, "database error");
+            RpcError::unavailable(format!("database error: {error}"))
+        }
+    }
 }
 
 fn agent_ref(agent: AgentId) -> pb::AccountRef {
