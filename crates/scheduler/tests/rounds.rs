@@ -76,7 +76,7 @@ async fn many_agents_bid_through_rounds_and_escrow_follows_the_rounds() {
                 String::new()
             };
             let not_before = (i % 5 == 1).then(|| in_ms(60_000));
-            let expires_at = (i % 6 == 2).then(|| in_ms(300));
+            let expires_at = (i % 6 == 2).then(|| in_ms(2_000));
             let request = pb::PlaceBidRequest {
                 idempotency_id: format!("r{round}-a{i}"),
                 bundle: Some(window(1000)),
@@ -123,7 +123,7 @@ async fn many_agents_bid_through_rounds_and_escrow_follows_the_rounds() {
         assert_eq!(cancelled.status, pb::BidStatus::Cancelled as i32);
         check_escrow(&h, &agents, endowment).await;
 
-        tokio::time::sleep(Duration::from_millis(400)).await; // the short-lived bids expire
+        tokio::time::sleep(Duration::from_millis(2_100)).await; // the short-lived bids expire
         let cleared = h
             .client
             .call::<internal::Clear>(&pb::ClearRequest { round })
