@@ -21,6 +21,7 @@ use syntropism_platform::db::{Pool, PooledConnection};
 use syntropism_platform::outbox::{self, PendingEvent};
 use syntropism_platform::sql::sql;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::clearing::{self, LossReason, Rules};
 use crate::config::SchedulerSection;
@@ -784,6 +785,15 @@ impl Scheduler {
             return Err(invalid("round", "invalid_field", "round is too large"));
         }
         let round = request.round as i64;
+        let span = tracing::info_span!("scheduler.clear_round", round);
+        self.clear_round(ctx, round).instrument(span).await
+    }
+
+    async fn clear_round(
+        &self,
+        ctx: RequestContext,
+        round: i64,
+    ) -> Result<pb::ClearResponse, RpcError> {
         self.finish_cancellations(&ctx.correlation_id).await;
         self.finish_placements(&ctx).await;
         self.finish_earlier_rounds(&ctx.correlation_id, round).await;
