@@ -78,3 +78,8 @@ ci:
 bench-clearing:
     cargo bench -p syntropism-scheduler --bench clearing --locked
     cargo bench -p syntropism-scheduler --bench round --locked
+
+# NATS identities (operator mode): create the development keys if missing and write
+# .run/nats-identity/auth.conf (nats-server authorisation) and a .creds file per service.
+nats-config:
+    cargo run --release --locked -p syntropism-identity --bin nats-identity -- --dir .run/nats-identity init

@@ -61,6 +61,12 @@ pub struct Nats {
 impl Nats {
     /// Starts a nats-server on a free port; panics with the setup command if it cannot.
     pub fn start() -> Nats {
+        Self::start_with_config("")
+    }
+
+    /// Like [`Nats::start`], with extra server configuration (e.g. operator-mode
+    /// authorisation); the listen address, port and JetStream directory stay the test's.
+    pub fn start_with_config(config: &str) -> Nats {
         let binary = find_nats_server().unwrap_or_else(|| {
             panic!("nats-server is not installed (looked in $NATS_SERVER and $PATH): {SETUP_HINT}")
         });
@@ -69,7 +75,11 @@ impl Nats {
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
         // `-p -1` lets the server pick a free port itself and report it in a ports file, so
         // parallel tests never race for a port.
+        let config_file = dir.path().join("server.conf");
+        std::fs::write(&config_file, config).expect("nats-server config");
         let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config_file)
             .args(["-a", "127.0.0.1", "-p", "-1", "-js", "--http_port", "-1"])
             .arg("-sd")
             .arg(dir.path().join("jetstream"))
