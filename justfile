@@ -83,3 +83,8 @@ bench-clearing:
 # .run/nats-identity/auth.conf (nats-server authorisation) and a .creds file per service.
 nats-config:
     cargo run --release --locked -p syntropism-identity --bin nats-identity -- --dir .run/nats-identity init
+
+# The agent runtime image (Debian root filesystem via debootstrap + docker import; no registry
+# needed). Rebuilt only when deploy/agent-runtime/ changes.
+agent-image:
+    deploy/agent-runtime/build.sh
