@@ -147,6 +147,7 @@ pub struct RpcClient {
     nats: Client,
     timeout: Duration,
     correlation_id: Option<String>,
+    traceparent: Option<String>,
 }
 
 impl RpcClient {
@@ -155,7 +156,15 @@ impl RpcClient {
             nats,
             timeout: DEFAULT_TIMEOUT,
             correlation_id: None,
+            traceparent: None,
         }
+    }
+
+    /// Continues this W3C trace context on every call made outside any traced span (e.g. an
+    /// agent's `TRACEPARENT`); a call inside a traced span carries that span's context.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -228,6 +237,11 @@ impl RpcClient {
         payload: Bytes,
     ) -> Result<Message, RpcError> {
         crate::trace::inject(&crate::trace::current_context(), &mut headers);
+        if headers.get(headers::TRACEPARENT).is_none()
+            && let Some(traceparent) = &self.traceparent
+        {
+            headers.insert(headers::TRACEPARENT, traceparent.as_str());
+        }
         if headers.get(headers::CORRELATION_ID).is_none() {
             let correlation = self
                 .correlation_id
