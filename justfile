@@ -88,3 +88,7 @@ nats-config:
 # needed). Rebuilt only when deploy/agent-runtime/ changes.
 agent-image:
     deploy/agent-runtime/build.sh
+
+# Refresh the Python SDK's copy of the compiled protobuf descriptors (after changing proto/).
+sdk-descriptor:
+    cargo run --locked -q -p syntropism-contracts --bin proto-descriptor -- sdk/python/syntropism/descriptor.bin

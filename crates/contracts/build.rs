@@ -15,7 +15,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
+    let mut files = files;
+    files.sort();
     let descriptors = protox::compile(&files, [&root])?;
+    // The same descriptors, for SDKs in other languages (see `FILE_DESCRIPTOR_SET`).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("file_descriptor_set.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
     prost_build::Config::new()
         .enable_type_names()
         .compile_fds(descriptors)?;

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the agent runtime image with no registry: a minimal Debian root filesystem made with
 # debootstrap (from the mirror this machine's apt is configured with), Python 3 and the
-# runtime's dependencies in a venv at /opt/syntropism, a non-root user (uid 10001), imported
-# with `docker import`. The result matches deploy/agent-runtime/Dockerfile.
+# runtime's dependencies and the Syntropism SDK (sdk/python) in a venv at /opt/syntropism, a
+# non-root user (uid 10001), imported with `docker import`. The result matches deploy/agent-runtime/Dockerfile.
 #
 # The image is tagged with a hash of its inputs and rebuilt only when they change.
 # Usage: deploy/agent-runtime/build.sh   (as root: debootstrap and chroot need it)
@@ -15,8 +15,12 @@ is_root || die "run as root (debootstrap and chroot need it)"
 command -v docker >/dev/null || die "docker is not installed"
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable"
 
+SDK="$SYNTROPISM_ROOT/sdk/python/syntropism"
 inputs_hash() {
-    (cd "$HERE" && sha256sum build.sh requirements.txt Dockerfile) | sha256sum | cut -c1-12
+    {
+        (cd "$HERE" && sha256sum build.sh requirements.txt requirements-pure.txt Dockerfile)
+        (cd "$SDK" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum)
+    } | sha256sum | cut -c1-12
 }
 TAG="$(inputs_hash)"
 if docker image inspect "$IMAGE:$TAG" >/dev/null 2>&1; then
@@ -79,12 +83,20 @@ python3 -m pip download -q -d "$WORK/wheels" -r "$HERE/requirements.txt" \
     --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any ||
     die "pip download failed"
+python3 -m pip wheel -q --no-deps -w "$WORK/wheels" -r "$HERE/requirements-pure.txt" ||
+    die "pip wheel failed"
 mkdir -p -- "$ROOTFS/tmp/wheels"
-cp -- "$WORK/wheels"/*.whl "$HERE/requirements.txt" "$ROOTFS/tmp/wheels/"
+cp -- "$WORK/wheels"/*.whl "$HERE/requirements.txt" "$HERE/requirements-pure.txt" "$ROOTFS/tmp/wheels/"
 CHROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
 chroot "$ROOTFS" "${CHROOT_ENV[@]}" python3 -m venv /opt/syntropism
 chroot "$ROOTFS" "${CHROOT_ENV[@]}" /opt/syntropism/bin/pip install -q --no-index --no-cache-dir \
-    --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
+    --find-links /tmp/wheels -r /tmp/wheels/requirements.txt -r /tmp/wheels/requirements-pure.txt
+# The SDK: pure Python, copied into the venv (its dependencies are the wheels above).
+SITE="$(chroot "$ROOTFS" "${CHROOT_ENV[@]}" /opt/syntropism/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+mkdir -p -- "$ROOTFS$SITE/syntropism"
+(cd "$SDK" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -exec cp --parents -- {} "$ROOTFS$SITE/syntropism/" \;)
+chroot "$ROOTFS" "${CHROOT_ENV[@]}" /opt/syntropism/bin/python -c 'import syntropism' ||
+    die "the SDK does not import in the image"
 chroot "$ROOTFS" "${CHROOT_ENV[@]}" useradd --uid 10001 --user-group --no-create-home --home-dir /workspace \
     --shell /usr/sbin/nologin agent
 mkdir -p -- "$ROOTFS/workspace"

@@ -29,3 +29,9 @@ pub mod pb {
 pub use error::{ErrorCode, RpcError};
 pub use ids::{AgentId, Credits, HoldId, IdError, IdempotencyId};
 pub use rpc::{Endpoint, Method, RequestContext, RpcClient, RpcServer, Scope};
+
+/// Every message and enum of `proto/` as an encoded `google.protobuf.FileDescriptorSet`
+/// (compiled with protox at build time). The Python SDK builds its classes from a copy of it
+/// (`sdk/python/syntropism/descriptor.bin`, kept equal by a test; `just sdk-descriptor`).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));

@@ -327,3 +327,14 @@ async fn replicas_share_a_queue_group_and_shutdown_finishes_in_flight_requests()
         "stopped servers take no new requests"
     );
 }
+
+#[test]
+fn the_python_sdk_descriptors_match_proto() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../sdk/python/syntropism/descriptor.bin");
+    let committed = std::fs::read(&path).expect("sdk/python/syntropism/descriptor.bin");
+    assert!(
+        committed == syntropism_contracts::FILE_DESCRIPTOR_SET,
+        "sdk/python/syntropism/descriptor.bin is stale: run `just sdk-descriptor`"
+    );
+}
