@@ -230,7 +230,7 @@ impl Scheduler {
         if let Some(existing) = self.bid_by_key(&mut conn, bidder, key.as_str()).await? {
             return self.resume_placement(&ctx, existing, &hash).await;
         }
-        let bid = self.validate(&ctx, bidder, &key, &request).await;
+        let bid = self.validate(bidder, &request).await;
         let bid = match bid {
             Ok(bid) => bid,
             Err(error) => {
@@ -486,9 +486,7 @@ impl Scheduler {
     /// Checks a placement against the rules; returns what to insert.
     async fn validate(
         &self,
-        _ctx: &RequestContext,
         bidder: AgentId,
-        _key: &IdempotencyId,
         request: &pb::PlaceBidRequest,
     ) -> Result<NewBid, RpcError> {
         let bundle = request
