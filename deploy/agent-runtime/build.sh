@@ -116,6 +116,6 @@ tar --numeric-owner -C "$ROOTFS" -c . | docker import \
 docker tag "$IMAGE:$TAG" "$IMAGE:latest"
 rm -rf -- "$ROOTFS"
 # Earlier builds of the image are superseded.
-docker images "$IMAGE" --format '{{.Tag}}' | grep -v -x -e latest -e "$TAG" |
+docker images "$IMAGE" --format '{{.Tag}}' | { grep -v -x -e latest -e "$TAG" || true; } |
     while read -r old; do docker rmi "$IMAGE:$old" >/dev/null 2>&1 || true; done
 info "built $IMAGE:$TAG"
