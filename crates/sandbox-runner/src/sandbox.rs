@@ -1,0 +1,279 @@
+//! One execution's container, from creation to removal.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use futures::StreamExt;
+
+/// The label every sandbox container carries, with the runner's id as its value.
+pub const RUNNER_LABEL: &str = "org.syntropism.runner";
+pub const EXECUTION_LABEL: &str = "org.syntropism.execution";
+pub const AGENT_LABEL: &str = "org.syntropism.agent";
+/// The uid agents run as (the runtime image's `agent` user); it must own the workspace.
+pub const AGENT_UID: u32 = 10001;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("invalid run: {0}")]
+    Invalid(String),
+}
+
+/// What to run, and within which limits.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub execution_id: String,
+    pub agent_id: String,
+    pub image: String,
+    /// The agent's workspace on the host, mounted read-write at `/workspace`.
+    pub workspace: PathBuf,
+    pub cpu_millicores: u64,
+    pub memory_mib: u64,
+    /// How long the container may run before it is killed.
+    pub time_limit: Duration,
+    pub env: Vec<(String, String)>,
+    /// The Docker network to attach to; `None`: no network at all.
+    pub network: Option<String>,
+    pub pids_limit: i64,
+    pub tmp_mib: u64,
+    /// The most bytes of stdout/stderr kept (the end of it).
+    pub log_tail_bytes: usize,
+}
+
+impl RunSpec {
+    /// A spec with the default limits for everything the caller does not set.
+    pub fn new(execution_id: &str, agent_id: &str, image: &str, workspace: PathBuf) -> Self {
+        Self {
+            execution_id: execution_id.into(),
+            agent_id: agent_id.into(),
+            image: image.into(),
+            workspace,
+            cpu_millicores: 1000,
+            memory_mib: 256,
+            time_limit: Duration::from_secs(60),
+            env: Vec::new(),
+            network: None,
+            pids_limit: 128,
+            tmp_mib: 64,
+            log_tail_bytes: 64 * 1024,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SandboxError> {
+        let invalid = |m: &str| Err(SandboxError::Invalid(m.into()));
+        if self.execution_id.is_empty()
+            || !self
+                .execution_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid("execution_id must be letters, digits, - and _");
+        }
+        if !self.workspace.is_absolute() {
+            return invalid("the workspace must be an absolute path");
+        }
+        if self.cpu_millicores == 0 || self.memory_mib < 6 || self.pids_limit < 1 {
+            return invalid("cpu, memory (≥ 6 MiB) and pids limits must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Failed { exit_code: i64 },
+    TimedOut,
+    OomKilled,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    /// The end of stdout and stderr, interleaved, at most `log_tail_bytes`.
+    pub log_tail: String,
+    /// Whether earlier output was cut off.
+    pub log_truncated: bool,
+    pub wall_time: Duration,
+}
+
+/// Runs sandboxes on the local Docker engine for one runner.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    docker: Docker,
+    runner_id: String,
+}
+
+impl Sandbox {
+    /// Connects to the local Docker engine (`DOCKER_HOST` or the default socket).
+    pub fn connect(runner_id: &str) -> Result<Self, SandboxError> {
+        Ok(Self {
+            docker: Docker::connect_with_local_defaults()?,
+            runner_id: runner_id.into(),
+        })
+    }
+
+    pub fn container_name(&self, spec: &RunSpec) -> String {
+        format!("syntropism-{}", spec.execution_id)
+    }
+
+    /// The container's configuration: every limit of the sandbox.
+    pub fn container_config(&self, spec: &RunSpec) -> ContainerCreateBody {
+        let memory = (spec.memory_mib * 1024 * 1024) as i64;
+        let labels = HashMap::from([
+            (RUNNER_LABEL.to_owned(), self.runner_id.clone()),
+            (EXECUTION_LABEL.to_owned(), spec.execution_id.clone()),
+            (AGENT_LABEL.to_owned(), spec.agent_id.clone()),
+        ]);
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
+            working_dir: Some("/workspace".into()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            network_disabled: Some(spec.network.is_none()),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{}:/workspace:rw", spec.workspace.display())]),
+                readonly_rootfs: Some(true),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_owned(),
+                    format!("rw,noexec,nosuid,nodev,size={}m", spec.tmp_mib),
+                )])),
+                memory: Some(memory),
+                // No swap beyond memory.
+                memory_swap: Some(memory),
+                nano_cpus: Some((spec.cpu_millicores * 1_000_000) as i64),
+                pids_limit: Some(spec.pids_limit),
+                cap_drop: Some(vec!["ALL".into()]),
+                // Docker's default seccomp profile applies unless disabled; only this is added.
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                privileged: Some(false),
+                network_mode: Some(spec.network.clone().unwrap_or_else(|| "none".into())),
+                ipc_mode: Some("private".into()),
+                // Docker's own copy of the logs is bounded too.
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), "1m".to_owned()),
+                        ("max-file".to_owned(), "1".to_owned()),
+                    ])),
+                }),
+                auto_remove: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Runs the execution to its end (or its deadline) and removes its container.
+    pub async fn run(&self, spec: &RunSpec) -> Result<RunReport, SandboxError> {
+        spec.validate()?;
+        let name = self.container_name(spec);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        self.docker
+            .create_container(Some(options), self.container_config(spec))
+            .await?;
+        let result = self.start_and_wait(&name, spec).await;
+        // Always removed, whatever happened.
+        let remove = RemoveContainerOptionsBuilder::default().force(true).build();
+        if let Err(error) = self.docker.remove_container(&name, Some(remove)).await {
+            tracing::warn!(%error, container = %name, "could not remove a sandbox container");
+        }
+        result
+    }
+
+    async fn start_and_wait(&self, name: &str, spec: &RunSpec) -> Result<RunReport, SandboxError> {
+        let started = Instant::now();
+        self.docker.start_container(name, None).await?;
+        let wait = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut waiting = self.docker.wait_container(name, Some(wait));
+        let exit = tokio::time::timeout(spec.time_limit, waiting.next()).await;
+        let timed_out = exit.is_err();
+        if timed_out {
+            let kill = KillContainerOptionsBuilder::default()
+                .signal("KILL")
+                .build();
+            let _ = self.docker.kill_container(name, Some(kill)).await;
+        }
+        let wall_time = started.elapsed();
+        let state = self.docker.inspect_container(name, None).await?.state;
+        let (exit_code, oom_killed) = state
+            .map(|s| (s.exit_code.unwrap_or(-1), s.oom_killed.unwrap_or(false)))
+            .unwrap_or((-1, false));
+        let outcome = if timed_out {
+            Outcome::TimedOut
+        } else if oom_killed {
+            Outcome::OomKilled
+        } else if exit_code == 0 {
+            Outcome::Completed
+        } else {
+            Outcome::Failed { exit_code }
+        };
+        let (tail, log_truncated) = self.log_tail(name, spec.log_tail_bytes).await;
+        Ok(RunReport {
+            outcome,
+            log_tail: String::from_utf8_lossy(&tail).into_owned(),
+            log_truncated,
+            wall_time,
+        })
+    }
+
+    /// The end of the container's output, at most `cap` bytes. Docker keeps at most its last
+    /// 1 MiB (the log options above), so a flood costs neither disk nor memory here.
+    async fn log_tail(&self, name: &str, cap: usize) -> (Vec<u8>, bool) {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let mut stream = self.docker.logs(name, Some(options));
+        let mut tail: VecDeque<u8> = VecDeque::with_capacity(cap.min(1 << 20));
+        let mut truncated = false;
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            for byte in chunk.into_bytes() {
+                if tail.len() == cap {
+                    tail.pop_front();
+                    truncated = true;
+                }
+                if cap > 0 {
+                    tail.push_back(byte);
+                }
+            }
+        }
+        (tail.into(), truncated)
+    }
+
+    /// Removes this runner's containers left by an earlier crash of it. Returns how many.
+    pub async fn remove_orphans(&self) -> Result<usize, SandboxError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{RUNNER_LABEL}={}", self.runner_id)],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self.docker.list_containers(Some(options)).await?;
+        let mut removed = 0;
+        for container in containers {
+            if let Some(id) = container.id {
+                let remove = RemoveContainerOptionsBuilder::default().force(true).build();
+                self.docker.remove_container(&id, Some(remove)).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
