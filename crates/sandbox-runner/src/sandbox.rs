@@ -80,6 +80,11 @@ impl RunSpec {
         if !self.workspace.is_absolute() {
             return invalid("the workspace must be an absolute path");
         }
+        // The bind is written `host:container:mode`: a `:` or `,` in the path would change it.
+        let path = self.workspace.to_string_lossy();
+        if path.contains([':', ',']) || path.contains('\0') {
+            return invalid("the workspace path must not contain ':' or ','");
+        }
         if self.cpu_millicores == 0 || self.memory_mib < 6 || self.pids_limit < 1 {
             return invalid("cpu, memory (≥ 6 MiB) and pids limits must be positive");
         }

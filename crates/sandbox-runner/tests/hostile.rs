@@ -277,3 +277,12 @@ async fn orphans_of_a_crashed_runner_are_removed_on_start() {
     assert_eq!(sandbox.remove_orphans().await.unwrap(), 1);
     assert_eq!(sandbox.remove_orphans().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_workspace_path_that_would_change_the_mount_is_refused() {
+    let sandbox = Sandbox::connect("test-runner").unwrap();
+    for path in ["/tmp/a:/etc", "/tmp/a,ro", "relative"] {
+        let spec = RunSpec::new("bad-path", "a", IMAGE, path.into());
+        assert!(sandbox.run(&spec).await.is_err(), "{path}");
+    }
+}
