@@ -1,53 +1,17 @@
 //! `economy`: the credit ledger service.
 
-use std::path::PathBuf;
-
-use clap::Parser;
-use syntropism_economy::EconomyConfig;
 use syntropism_economy::config::{DEFAULTS, SECTION};
-use syntropism_platform::telemetry::Telemetry;
-
-/// Syntropism's economy service: the double-entry credit ledger.
-///
-/// Configuration: built-in defaults, then the optional file, then environment variables
-/// `SYNTROPISM__<SECTION>__<KEY>` (e.g. `SYNTROPISM__DATABASE__URL`).
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// A TOML configuration file.
-    #[arg(long, env = "SYNTROPISM_CONFIG")]
-    config: Option<PathBuf>,
-    /// Validate the configuration, print it, and exit.
-    #[arg(long)]
-    check_config: bool,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let config: EconomyConfig =
-        match syntropism_platform::config::load(SECTION, DEFAULTS, args.config.as_deref()) {
-            Ok(config) => config,
-            Err(error) => {
-                eprintln!("economy: {error}");
-                std::process::exit(2);
-            }
-        };
-    if args.check_config {
-        println!("{config:#?}");
-        return Ok(());
-    }
-    let telemetry = Telemetry::init("economy", &config.platform.telemetry)?;
-    let stop = syntropism_platform::shutdown::on_signal();
-    let result = async {
-        let service = syntropism_economy::start(&config, stop).await?;
-        service.run().await;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "economy failed");
-    }
-    telemetry.shutdown();
-    result
+    syntropism_platform::cli::run_service(
+        "economy",
+        "Syntropism's economy service: the double-entry credit ledger.",
+        SECTION,
+        DEFAULTS,
+        |config: syntropism_economy::config::EconomyConfig, stop| async move {
+            syntropism_economy::start(&config, stop).await
+        },
+    )
+    .await
 }

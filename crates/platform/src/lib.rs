@@ -7,7 +7,9 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`outbox`]: events written in the business transaction, relayed to JetStream de-duplicated.
 //! - [`service`]: the lifecycle tying these together, with graceful shutdown.
+//! - [`cli`]: the `main` every service binary shares.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;
