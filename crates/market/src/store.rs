@@ -3,6 +3,7 @@
 use diesel::sql_types::{Array, BigInt, Bytea, Integer, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use syntropism_contracts::RpcError;
+use syntropism_platform::db::rpc_error as db_error;
 use syntropism_platform::db::{Pool, PooledConnection};
 use syntropism_platform::outbox::{self, PendingEvent};
 use syntropism_platform::sql::sql;
@@ -133,31 +134,6 @@ const CATALOGUE_SELECT: &str = "SELECT supply, max_window_ms, reserve, floor, ce
 const ROUND_SELECT: &str = "SELECT round, cleared_at, bids_due, winners, supply, used, \
      utilisation_ppm, paid_micros, discovered, price_rule, request_hash FROM rounds";
 
-pub(crate) fn db_error(error: diesel::result::Error) -> RpcError {
-    use diesel::result::{DatabaseErrorKind, Error};
-    match &error {
-        // The database refused a write the service believed valid: a bug, not worth retrying.
-        Error::DatabaseError(
-            DatabaseErrorKind::CheckViolation
-            | DatabaseErrorKind::ForeignKeyViolation
-            | DatabaseErrorKind::NotNullViolation
-            | DatabaseErrorKind::UniqueViolation,
-            info,
-        ) => {
-            tracing::error!(message = info.message(), "the database refused a write");
-            RpcError::internal(format!("the database refused a write: {}", info.message()))
-        }
-        Error::DatabaseError(_, info) if info.message().contains("out of range") => {
-            RpcError::invalid_argument(format!("a value is out of range: {}", info.message()))
-                .with_reason("out_of_range")
-        }
-        _ => {
-            tracing::warn!(%error, "database error");
-            RpcError::unavailable(format!("database error: {error}"))
-        }
-    }
-}
-
 /// What a write decided: committed with these events, or refused.
 #[derive(Debug)]
 pub enum Decision<T> {
@@ -182,10 +158,7 @@ impl Store {
     }
 
     async fn connection(&self) -> Result<PooledConnection, RpcError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))
+        syntropism_platform::db::checkout(&self.pool).await
     }
 
     /// Writes the configured catalogue (and `event`) unless one exists; returns the catalogue

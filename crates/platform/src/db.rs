@@ -207,6 +207,42 @@ pub async fn ping(pool: &Pool) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// A pooled connection for a request handler: an exhausted or unreachable pool is
+/// `UNAVAILABLE` (retryable).
+pub async fn checkout(pool: &Pool) -> Result<PooledConnection, syntropism_contracts::RpcError> {
+    pool.get().await.map_err(|e| {
+        syntropism_contracts::RpcError::unavailable(format!("database unavailable: {e}"))
+    })
+}
+
+/// A database failure as a request handler reports it: a write the database refused though
+/// the service believed it valid is a bug (`INTERNAL`, not worth retrying); a value out of
+/// range is `INVALID_ARGUMENT`; anything else (connection lost, contention) is `UNAVAILABLE`.
+pub fn rpc_error(error: diesel::result::Error) -> syntropism_contracts::RpcError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    use syntropism_contracts::RpcError;
+    match &error {
+        Error::DatabaseError(
+            DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::UniqueViolation,
+            info,
+        ) => {
+            tracing::error!(message = info.message(), "the database refused a write");
+            RpcError::internal(format!("the database refused a write: {}", info.message()))
+        }
+        Error::DatabaseError(_, info) if info.message().contains("out of range") => {
+            RpcError::invalid_argument(format!("a value is out of range: {}", info.message()))
+                .with_reason("out_of_range")
+        }
+        _ => {
+            tracing::warn!(%error, "database error");
+            RpcError::unavailable(format!("database error: {error}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

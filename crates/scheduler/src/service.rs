@@ -17,6 +17,7 @@ use syntropism_contracts::subjects::{scheduler_events, services};
 use syntropism_contracts::{
     AgentId, ErrorCode, IdempotencyId, RequestContext, RpcClient, RpcError, RpcServer, events, pb,
 };
+use syntropism_platform::db::rpc_error as db_error;
 use syntropism_platform::db::{Pool, PooledConnection};
 use syntropism_platform::outbox::{self, PendingEvent};
 use syntropism_platform::sql::sql;
@@ -74,31 +75,6 @@ pub async fn register(
     Ok(())
 }
 
-fn db_error(error: diesel::result::Error) -> RpcError {
-    use diesel::result::{DatabaseErrorKind, Error};
-    match &error {
-        // The database refused a write the service believed valid: a bug, not worth retrying.
-        Error::DatabaseError(
-            DatabaseErrorKind::CheckViolation
-            | DatabaseErrorKind::ForeignKeyViolation
-            | DatabaseErrorKind::NotNullViolation
-            | DatabaseErrorKind::UniqueViolation,
-            info,
-        ) => {
-            tracing::error!(message = info.message(), "the database refused a write");
-            RpcError::internal(format!("the database refused a write: {}", info.message()))
-        }
-        Error::DatabaseError(_, info) if info.message().contains("out of range") => {
-            RpcError::invalid_argument(format!("a value is out of range: {}", info.message()))
-                .with_reason("out_of_range")
-        }
-        _ => {
-            tracing::warn!(%error, "database error");
-            RpcError::unavailable(format!("database error: {error}"))
-        }
-    }
-}
-
 fn agent_ref(agent: AgentId) -> pb::AccountRef {
     pb::AccountRef {
         account: Some(pb::account_ref::Account::AgentId(agent.to_string())),
@@ -150,10 +126,7 @@ impl Scheduler {
     }
 
     async fn connection(&self) -> Result<PooledConnection, RpcError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))
+        syntropism_platform::db::checkout(&self.pool).await
     }
 
     fn event<M: prost::Message + prost::Name>(

@@ -72,10 +72,7 @@ struct Inner {
 
 impl Inner {
     async fn connection(&self) -> Result<syntropism_platform::db::PooledConnection, RpcError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| RpcError::unavailable(format!("database unavailable: {e}")))
+        syntropism_platform::db::checkout(&self.pool).await
     }
 }
 
