@@ -2,31 +2,15 @@
 //! mode, the agent on an execution's credentials from env.json. Needs Docker and the image
 //! (`just agent-image`; `scripts/test.sh` builds it).
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use syntropism_contracts::economy::internal as economy;
-use syntropism_contracts::{AgentId, RpcClient, pb};
-use syntropism_identity::{Authority, ExecutionGrant};
-use syntropism_test_support::{Nats, Postgres};
-use tokio_util::sync::CancellationToken;
+mod common;
 
-const CREDIT: i64 = 1_000_000;
+use common::*;
+use syntropism_identity::ExecutionGrant;
+
 const IMAGE: &str = "syntropism/agent-runtime:latest";
-
-fn env(nats: &Nats, pg: &Postgres, role: &str, creds: &Path) -> Vec<(String, String)> {
-    vec![
-        ("SYNTROPISM__NATS__URL".into(), nats.url()),
-        (
-            "SYNTROPISM__NATS__CREDENTIALS_FILE".into(),
-            creds.display().to_string(),
-        ),
-        ("SYNTROPISM__DATABASE__URL".into(), pg.url_for(role, role)),
-        ("SYNTROPISM__DATABASE__ADMIN_URL".into(), pg.admin_url()),
-        ("SYNTROPISM__HTTP__ENABLED".into(), "false".into()),
-    ]
-}
 
 const MAIN: &str = r#"
 import asyncio, json, syntropism
@@ -72,104 +56,10 @@ async fn the_python_sdk_works_from_the_agent_runtime_image() {
         docker.is_ok_and(|s| s.success()),
         "the agent runtime image {IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
     );
-    let authority = Authority::generate();
-    let nats = Nats::start_with_config(&authority.server_config().unwrap());
-    let pg = Postgres::fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let creds = |name: &str| {
-        let path = dir.path().join(format!("{name}.creds"));
-        std::fs::write(&path, authority.service(name).unwrap().to_creds_file()).unwrap();
-        path
-    };
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    let economy_config: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
-        syntropism_economy::config::SECTION,
-        syntropism_economy::config::DEFAULTS,
-        None,
-        env(&nats, &pg, "economy", &creds("economy")),
-    )
-    .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_economy::start(&economy_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-    let market_config: syntropism_market::MarketConfig = syntropism_platform::config::load_from(
-        syntropism_market::config::SECTION,
-        syntropism_market::config::DEFAULTS,
-        None,
-        env(&nats, &pg, "market", &creds("market")),
-    )
-    .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_market::start(&market_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-    let scheduler_config: syntropism_scheduler::SchedulerConfig =
-        syntropism_platform::config::load_from(
-            syntropism_scheduler::config::SECTION,
-            syntropism_scheduler::config::DEFAULTS,
-            None,
-            env(&nats, &pg, "scheduler", &creds("scheduler")),
-        )
-        .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_scheduler::start(&scheduler_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-
-    let admin = RpcClient::new(
-        async_nats::ConnectOptions::with_credentials_file(creds("cli"))
-            .await
-            .unwrap()
-            .connect(nats.url())
-            .await
-            .unwrap(),
-    );
-    let (alice, bob) = (AgentId::random(), AgentId::random());
-    for agent in [alice, bob] {
-        admin
-            .call::<economy::OpenAccount>(&pb::OpenAccountRequest {
-                idempotency_id: format!("open-{agent}"),
-                op: Some(pb::OpenAccountOp {
-                    agent_id: agent.to_string(),
-                }),
-            })
-            .await
-            .unwrap();
-    }
-    admin
-        .call::<economy::Mint>(&pb::MintRequest {
-            idempotency_id: "grant".into(),
-            op: Some(pb::MintOp {
-                agent_id: alice.to_string(),
-                amount_micros: 100 * CREDIT,
-                reason: pb::MintReason::GenesisGrant as i32,
-                memo: String::new(),
-            }),
-        })
-        .await
-        .unwrap();
-    let window = pb::Bundle {
-        cpu_millicores: 1000,
-        memory_mib: 512,
-        duration_ms: 60_000,
-        llm_tokens: 1000,
-        attention_slots: 0,
-    };
-    let reserve = admin
-        .call::<syntropism_contracts::market::internal::Quote>(&pb::QuoteRequest {
-            bundle: Some(window),
-        })
-        .await
-        .unwrap()
-        .reserve_micros;
+    let stack = Stack::start().await;
+    let (authority, nats) = (&stack.authority, &stack.nats);
+    let (alice, bob) = stack.agents(100 * CREDIT).await;
+    let reserve = stack.reserve().await;
 
     // The workspace: main.py, env.json with the execution's credentials, the test's facts.
     let workspace = tempfile::tempdir().unwrap();
@@ -248,8 +138,5 @@ async fn the_python_sdk_works_from_the_agent_runtime_image() {
     assert_eq!(out["low"][1], "below_reserve");
     assert_eq!(out["low"][2], reserve.to_string());
 
-    stop.cancel();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stack.stop().await;
 }

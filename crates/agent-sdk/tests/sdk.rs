@@ -5,28 +5,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+mod common;
+
+use common::*;
 use syntropism_agent_sdk::{Agent, ExecutionEnv, SdkError};
-use syntropism_contracts::economy::internal as economy;
-use syntropism_contracts::{AgentId, ErrorCode, RpcClient, pb};
+use syntropism_contracts::{AgentId, ErrorCode, pb};
 use syntropism_identity::{Authority, ExecutionGrant};
-use syntropism_test_support::{Nats, Postgres};
-use tokio_util::sync::CancellationToken;
-
-const CREDIT: i64 = 1_000_000;
-
-fn env(nats: &Nats, pg: &Postgres, role: &str, creds: &Path) -> Vec<(String, String)> {
-    vec![
-        ("SYNTROPISM__NATS__URL".into(), nats.url()),
-        (
-            "SYNTROPISM__NATS__CREDENTIALS_FILE".into(),
-            creds.display().to_string(),
-        ),
-        ("SYNTROPISM__DATABASE__URL".into(), pg.url_for(role, role)),
-        ("SYNTROPISM__DATABASE__ADMIN_URL".into(), pg.admin_url()),
-        ("SYNTROPISM__HTTP__ENABLED".into(), "false".into()),
-        ("SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".into(), "50".into()),
-    ]
-}
+use syntropism_test_support::Nats;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -62,90 +47,10 @@ fn write_env(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_uses_every_service_with_its_own_identity() {
-    let authority = Authority::generate();
-    let nats = Nats::start_with_config(&authority.server_config().unwrap());
-    let pg = Postgres::fresh_database().await;
+    let stack = Stack::start().await;
+    let (authority, nats, admin_nats) = (&stack.authority, &stack.nats, &stack.admin_nats);
     let dir = tempfile::tempdir().unwrap();
-    let creds = |name: &str| {
-        let path = dir.path().join(format!("{name}.creds"));
-        std::fs::write(&path, authority.service(name).unwrap().to_creds_file()).unwrap();
-        path
-    };
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    let economy_config: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
-        syntropism_economy::config::SECTION,
-        syntropism_economy::config::DEFAULTS,
-        None,
-        env(&nats, &pg, "economy", &creds("economy")),
-    )
-    .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_economy::start(&economy_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-    let market_config: syntropism_market::MarketConfig = syntropism_platform::config::load_from(
-        syntropism_market::config::SECTION,
-        syntropism_market::config::DEFAULTS,
-        None,
-        env(&nats, &pg, "market", &creds("market")),
-    )
-    .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_market::start(&market_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-    let scheduler_config: syntropism_scheduler::SchedulerConfig =
-        syntropism_platform::config::load_from(
-            syntropism_scheduler::config::SECTION,
-            syntropism_scheduler::config::DEFAULTS,
-            None,
-            env(&nats, &pg, "scheduler", &creds("scheduler")),
-        )
-        .unwrap();
-    tasks.push(tokio::spawn(
-        syntropism_scheduler::start(&scheduler_config, stop.clone())
-            .await
-            .unwrap()
-            .run(),
-    ));
-
-    // The operator's side: two agents, one endowed.
-    let admin_nats = async_nats::ConnectOptions::with_credentials_file(creds("cli"))
-        .await
-        .unwrap()
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let admin = RpcClient::new(admin_nats.clone());
-    let (alice, bob) = (AgentId::random(), AgentId::random());
-    for agent in [alice, bob] {
-        admin
-            .call::<economy::OpenAccount>(&pb::OpenAccountRequest {
-                idempotency_id: format!("open-{agent}"),
-                op: Some(pb::OpenAccountOp {
-                    agent_id: agent.to_string(),
-                }),
-            })
-            .await
-            .unwrap();
-    }
-    admin
-        .call::<economy::Mint>(&pb::MintRequest {
-            idempotency_id: "grant".into(),
-            op: Some(pb::MintOp {
-                agent_id: alice.to_string(),
-                amount_micros: 100 * CREDIT,
-                reason: pb::MintReason::GenesisGrant as i32,
-                memo: String::new(),
-            }),
-        })
-        .await
-        .unwrap();
+    let (alice, bob) = stack.agents(100 * CREDIT).await;
     // Watch what reaches the services on Alice's subjects (headers included).
     let mut watched = admin_nats
         .subscribe(format!("agent.{alice}.market.state"))
@@ -153,7 +58,7 @@ async fn an_agent_uses_every_service_with_its_own_identity() {
         .unwrap();
     admin_nats.flush().await.unwrap();
 
-    let env = write_env(dir.path(), &authority, &nats, alice, 60);
+    let env = write_env(dir.path(), authority, nats, alice, 60);
     assert_eq!(env.bundle.cpu_millicores, 1000);
     let agent = Agent::connect(env).await.expect("the execution connects");
     assert_eq!(agent.id(), alice);
@@ -189,20 +94,8 @@ async fn an_agent_uses_every_service_with_its_own_identity() {
         "the window's trace continues in every request"
     );
 
-    let window = pb::Bundle {
-        cpu_millicores: 1000,
-        memory_mib: 512,
-        duration_ms: 60_000,
-        llm_tokens: 1000,
-        attention_slots: 0,
-    };
-    let reserve = admin
-        .call::<syntropism_contracts::market::internal::Quote>(&pb::QuoteRequest {
-            bundle: Some(window),
-        })
-        .await
-        .unwrap()
-        .reserve_micros;
+    let window = window();
+    let reserve = stack.reserve().await;
     let bid = agent
         .place_bid(&pb::PlaceBidRequest {
             idempotency_id: "bid-1".into(),
@@ -237,16 +130,13 @@ async fn an_agent_uses_every_service_with_its_own_identity() {
 
     // A window whose credentials have expired cannot connect.
     let late_dir = tempfile::tempdir().unwrap();
-    let late = write_env(late_dir.path(), &authority, &nats, alice, -5);
+    let late = write_env(late_dir.path(), authority, nats, alice, -5);
     assert!(matches!(
         Agent::connect(late).await,
         Err(SdkError::Connect(_))
     ));
 
-    stop.cancel();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stack.stop().await;
 }
 
 #[test]
