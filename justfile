@@ -63,7 +63,7 @@ bench-economy seconds="10":
     BENCH_SECONDS={{seconds}} cargo bench -p syntropism-economy --bench economy_load --locked
 
 # Every benchmark.
-bench: bench-economy bench-clearing
+bench: bench-economy bench-clearing bench-sandbox
 
 # A psql shell on the project's database as the superuser.
 psql *args:
@@ -92,3 +92,14 @@ agent-image:
 # Refresh the Python SDK's copy of the compiled protobuf descriptors (after changing proto/).
 sdk-descriptor:
     cargo run --locked -q -p syntropism-contracts --bin proto-descriptor -- sdk/python/syntropism/descriptor.bin
+
+# Sandbox start-up: sandbox.run → the agent's first NATS request, beside `docker run --rm` and
+# `docker start` of a pre-created container (BENCH_RUNS runs each, default 50).
+bench-sandbox runs="50":
+    scripts/setup.sh
+    deploy/agent-runtime/build.sh
+    BENCH_RUNS={{runs}} cargo bench -p syntropism-sandbox-runner --bench sandbox --locked
+
+# Run the sandbox runner alone.
+run-sandbox-runner:
+    scripts/run.sh sandbox-runner

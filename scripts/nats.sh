@@ -21,6 +21,7 @@ set_paths() {
     NATS_LOG="$STATE_DIR/log/nats.log"
     NATS_PID_FILE="$STATE_DIR/nats.pid"
     NATS_CONF="$STATE_DIR/nats.conf"
+    NATS_IDENTITY_DIR="$STATE_DIR/nats-identity"
 }
 
 nats_pid() { read_pid_file "$NATS_PID_FILE"; }
@@ -50,7 +51,19 @@ write_config() {
 server_name: "syntropism-dev"
 listen: "127.0.0.1:$NATS_PORT"
 http: "127.0.0.1:$NATS_MONITOR_PORT"
+# Operator mode: the trusted operator and accounts (nats-identity); every client needs a user
+# JWT signed by them (services: nats-identity/<service>.creds).
+include "nats-identity/auth.conf"
 EOF
+}
+
+# The operator, account and service keys (created once, kept in the state dir) and the
+# server's authorisation settings derived from them.
+write_identity() {
+    info "writing NATS identities to $NATS_IDENTITY_DIR"
+    (cd "$SYNTROPISM_ROOT" && cargo run --release --locked -q -p syntropism-identity \
+        --bin nats-identity -- --dir "$NATS_IDENTITY_DIR" init) >/dev/null ||
+        die "nats-identity failed"
 }
 
 cmd_start() {
@@ -77,6 +90,7 @@ cmd_start() {
     done
 
     mkdir -p -- "$NATS_STORE"
+    write_identity
     write_config
 
     info "starting on $(nats_url) (log: $NATS_LOG)"

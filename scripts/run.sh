@@ -7,9 +7,11 @@
 # this script only fills in the local URLs where they are not already set.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_SERVICES=(economy market scheduler)
+ALL_SERVICES=(economy market scheduler sandbox-runner)
 # Health/metrics ports, one per service (see README).
-declare -A HTTP_PORTS=([economy]=9101 [market]=9102 [scheduler]=9103)
+declare -A HTTP_PORTS=([economy]=9101 [market]=9102 [scheduler]=9103 [sandbox-runner]=9104)
+# Each service's Postgres role, schema and NATS identity.
+declare -A ROLES=([economy]=economy [market]=market [scheduler]=scheduler [sandbox-runner]=sandbox)
 
 services=("$@")
 [[ ${#services[@]} -gt 0 ]] || services=("${ALL_SERVICES[@]}")
@@ -18,6 +20,10 @@ for service in "${services[@]}"; do
 done
 
 "$SYNTROPISM_ROOT/scripts/setup.sh"
+if [[ " ${services[*]} " == *" sandbox-runner "* ]]; then
+    # The image agents run in (a no-op when up to date).
+    "$SYNTROPISM_ROOT/deploy/agent-runtime/build.sh"
+fi
 
 info "building ${services[*]} (release)"
 bins=()
@@ -40,11 +46,16 @@ stop_all() {
 }
 trap stop_all INT TERM
 
+export SYNTROPISM__SANDBOX__WORKSPACE_ROOT="${SYNTROPISM__SANDBOX__WORKSPACE_ROOT:-$STATE_DIR/workspaces}"
+
 for service in "${services[@]}"; do
+    role="${ROLES[$service]}"
     # Each service connects with its own role to its own schema; the admin URL lets it create
-    # both on first start. Development passwords: the role name.
+    # both on first start. Development passwords: the role name. NATS runs in operator mode:
+    # each service connects with its own credentials (scripts/nats.sh wrote them).
     env \
-        SYNTROPISM__DATABASE__URL="${SYNTROPISM__DATABASE__URL:-postgres://$service:$service@127.0.0.1:$PG_PORT/$PG_DB}" \
+        SYNTROPISM__NATS__CREDENTIALS_FILE="${SYNTROPISM__NATS__CREDENTIALS_FILE:-$STATE_DIR/nats-identity/$role.creds}" \
+        SYNTROPISM__DATABASE__URL="${SYNTROPISM__DATABASE__URL:-postgres://$role:$role@127.0.0.1:$PG_PORT/$PG_DB}" \
         SYNTROPISM__DATABASE__ADMIN_URL="${SYNTROPISM__DATABASE__ADMIN_URL:-$admin_url}" \
         SYNTROPISM__HTTP__LISTEN="${SYNTROPISM__HTTP__LISTEN:-127.0.0.1:${HTTP_PORTS[$service]}}" \
         "$target_dir/release/$service" &

@@ -66,6 +66,16 @@ command -v debootstrap >/dev/null || {
 ensure_state_dir
 WORK="$STATE_DIR/agent-runtime"
 ROOTFS="$WORK/rootfs"
+# One build at a time (two would share the root filesystem); a build that waited finds the
+# image built by the other.
+mkdir -p -- "$WORK"
+exec 9>"$WORK/.lock"
+flock 9
+if docker image inspect "$IMAGE:$TAG" >/dev/null 2>&1; then
+    docker tag "$IMAGE:$TAG" "$IMAGE:latest"
+    info "$IMAGE:$TAG is up to date"
+    exit 0
+fi
 rm -rf -- "$ROOTFS"
 mkdir -p -- "$WORK/wheels"
 
@@ -110,7 +120,7 @@ tar --numeric-owner -C "$ROOTFS" -c . | docker import \
     --change 'ENV PYTHONUNBUFFERED=1' \
     --change 'USER 10001:10001' \
     --change 'WORKDIR /workspace' \
-    --change 'CMD ["/opt/syntropism/bin/python", "/workspace/main.py"]' \
+    --change 'CMD ["/opt/syntropism/bin/python", "-m", "syntropism.launch", "/workspace/main.py"]' \
     --change "LABEL org.syntropism.inputs=$TAG" \
     - "$IMAGE:$TAG" >/dev/null
 docker tag "$IMAGE:$TAG" "$IMAGE:latest"

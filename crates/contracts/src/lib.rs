@@ -11,6 +11,7 @@ pub mod headers;
 pub mod ids;
 pub mod market;
 pub mod rpc;
+pub mod sandbox;
 pub mod scheduler;
 pub mod subjects;
 pub mod trace;

@@ -12,6 +12,7 @@ pub mod services {
     pub const ECONOMY: &str = "economy";
     pub const MARKET: &str = "market";
     pub const SCHEDULER: &str = "scheduler";
+    pub const SANDBOX: &str = "sandbox";
 }
 
 /// Event subjects of the economy service.
@@ -37,4 +38,10 @@ pub mod scheduler_events {
     pub const BID_EXPIRED: &str = "events.scheduler.bid_expired";
     pub const BID_WON: &str = "events.scheduler.bid_won";
     pub const ROUND_CLEARED: &str = "events.scheduler.round_cleared";
+}
+
+/// Event subjects of the sandbox runner.
+pub mod sandbox_events {
+    pub const RUN_STARTED: &str = "events.sandbox.run_started";
+    pub const RUN_FINISHED: &str = "events.sandbox.run_finished";
 }

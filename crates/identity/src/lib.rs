@@ -301,6 +301,8 @@ impl Authority {
             json!({
                 "pub": { "allow": [format!("agent.{}.>", grant.agent_id)] },
                 "sub": { "allow": [format!("{}.>", grant.inbox_prefix)] },
+                // A plain client only: never a leaf node, websocket or MQTT connection.
+                "allowed_connection_types": ["STANDARD"],
             }),
         )
     }

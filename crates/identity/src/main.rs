@@ -25,7 +25,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "economy,market,scheduler,cli"
+            default_value = "economy,market,scheduler,sandbox,orchestrator,attention,social,cli"
         )]
         services: Vec<String>,
     },

@@ -1,16 +1,22 @@
 //! One execution's container, from creation to removal.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
+
+use crate::relay::{self, Relays};
 
 /// The label every sandbox container carries, with the runner's id as its value.
 pub const RUNNER_LABEL: &str = "org.syntropism.runner";
@@ -25,6 +31,8 @@ pub enum SandboxError {
     Docker(#[from] bollard::errors::Error),
     #[error("invalid run: {0}")]
     Invalid(String),
+    #[error("sandbox sockets: {0}")]
+    Relay(#[from] std::io::Error),
 }
 
 /// What to run, and within which limits.
@@ -40,7 +48,14 @@ pub struct RunSpec {
     /// How long the container may run before it is killed.
     pub time_limit: Duration,
     pub env: Vec<(String, String)>,
-    /// The Docker network to attach to; `None`: no network at all.
+    /// NATS (`host:port`, as the runner reaches it) relayed into the sandbox at
+    /// `127.0.0.1:4222`; `None`: nothing is reachable.
+    pub nats_upstream: Option<String>,
+    /// The most NATS connections the sandbox may hold at once.
+    pub max_nats_connections: usize,
+    /// Debug mode: the program waits for a debugger, which connects to this address (loopback).
+    pub debug: Option<SocketAddr>,
+    /// A Docker network to attach to instead of none (tests of the isolation only).
     pub network: Option<String>,
     pub pids_limit: i64,
     pub tmp_mib: u64,
@@ -60,6 +75,9 @@ impl RunSpec {
             memory_mib: 256,
             time_limit: Duration::from_secs(60),
             env: Vec::new(),
+            nats_upstream: None,
+            max_nats_connections: 8,
+            debug: None,
             network: None,
             pids_limit: 128,
             tmp_mib: 64,
@@ -88,6 +106,12 @@ impl RunSpec {
         if self.cpu_millicores == 0 || self.memory_mib < 6 || self.pids_limit < 1 {
             return invalid("cpu, memory (≥ 6 MiB) and pids limits must be positive");
         }
+        // Docker follows a symlink when it mounts: the workspace must be a directory itself.
+        match std::fs::symlink_metadata(&self.workspace) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return invalid("the workspace is not a directory (a symlink?)"),
+            Err(e) => return invalid(&format!("the workspace: {e}")),
+        }
         Ok(())
     }
 }
@@ -110,6 +134,10 @@ pub struct RunReport {
     /// Whether earlier output was cut off.
     pub log_truncated: bool,
     pub wall_time: Duration,
+    /// CPU time the container used (sampled every 100 ms while it ran).
+    pub cpu_time: Duration,
+    /// The most memory it held at once, in bytes.
+    pub peak_memory_bytes: u64,
 }
 
 /// Runs sandboxes on the local Docker engine for one runner.
@@ -117,24 +145,63 @@ pub struct RunReport {
 pub struct Sandbox {
     docker: Docker,
     runner_id: String,
+    run_dir: PathBuf,
 }
 
 impl Sandbox {
-    /// Connects to the local Docker engine (`DOCKER_HOST` or the default socket).
+    /// Connects to the local Docker engine (`DOCKER_HOST` or the default socket). Each run's
+    /// sockets live under `<temp dir>/syntropism-runner-<runner id>` unless
+    /// [`Sandbox::with_run_dir`] says otherwise.
     pub fn connect(runner_id: &str) -> Result<Self, SandboxError> {
         Ok(Self {
             docker: Docker::connect_with_local_defaults()?,
             runner_id: runner_id.into(),
+            run_dir: std::env::temp_dir().join(format!("syntropism-runner-{runner_id}")),
         })
+    }
+
+    /// Where each run's socket directory is made (created if missing, owner root).
+    pub fn with_run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.run_dir = dir.into();
+        self
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    pub fn runner_id(&self) -> &str {
+        &self.runner_id
     }
 
     pub fn container_name(&self, spec: &RunSpec) -> String {
         format!("syntropism-{}", spec.execution_id)
     }
 
-    /// The container's configuration: every limit of the sandbox.
-    pub fn container_config(&self, spec: &RunSpec) -> ContainerCreateBody {
+    /// The container's configuration: every limit of the sandbox. `sockets`: the run's socket
+    /// directory, mounted read-only at `/run/syntropism`.
+    pub fn container_config(&self, spec: &RunSpec, sockets: Option<&Path>) -> ContainerCreateBody {
         let memory = (spec.memory_mib * 1024 * 1024) as i64;
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut binds = vec![format!("{}:/workspace:rw", spec.workspace.display())];
+        if let Some(dir) = sockets {
+            binds.push(format!("{}:{}:ro", dir.display(), relay::CONTAINER_DIR));
+            if spec.nats_upstream.is_some() {
+                env.push(format!(
+                    "SYNTROPISM_NATS_SOCKET={}/{}",
+                    relay::CONTAINER_DIR,
+                    relay::NATS_SOCKET
+                ));
+            }
+            if spec.debug.is_some() {
+                env.push("SYNTROPISM_DEBUG=1".into());
+                env.push(format!(
+                    "SYNTROPISM_DEBUG_SOCKET={}/{}",
+                    relay::CONTAINER_DIR,
+                    relay::DEBUG_SOCKET
+                ));
+            }
+        }
         let labels = HashMap::from([
             (RUNNER_LABEL.to_owned(), self.runner_id.clone()),
             (EXECUTION_LABEL.to_owned(), spec.execution_id.clone()),
@@ -144,11 +211,11 @@ impl Sandbox {
             image: Some(spec.image.clone()),
             user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
             working_dir: Some("/workspace".into()),
-            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            env: Some(env),
             labels: Some(labels),
             network_disabled: Some(spec.network.is_none()),
             host_config: Some(HostConfig {
-                binds: Some(vec![format!("{}:/workspace:rw", spec.workspace.display())]),
+                binds: Some(binds),
                 readonly_rootfs: Some(true),
                 tmpfs: Some(HashMap::from([(
                     "/tmp".to_owned(),
@@ -183,12 +250,17 @@ impl Sandbox {
     /// Runs the execution to its end (or its deadline) and removes its container.
     pub async fn run(&self, spec: &RunSpec) -> Result<RunReport, SandboxError> {
         spec.validate()?;
+        let relays = self.relays(spec).await?;
         let name = self.container_name(spec);
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         self.docker
-            .create_container(Some(options), self.container_config(spec))
+            .create_container(
+                Some(options),
+                self.container_config(spec, relays.as_ref().map(Relays::dir)),
+            )
             .await?;
         let result = self.start_and_wait(&name, spec).await;
+        drop(relays);
         // Always removed, whatever happened.
         let remove = RemoveContainerOptionsBuilder::default().force(true).build();
         if let Err(error) = self.docker.remove_container(&name, Some(remove)).await {
@@ -197,9 +269,27 @@ impl Sandbox {
         result
     }
 
+    async fn relays(&self, spec: &RunSpec) -> Result<Option<Relays>, SandboxError> {
+        if spec.nats_upstream.is_none() && spec.debug.is_none() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&self.run_dir)?;
+        let dir = self.run_dir.join(&spec.execution_id);
+        // Left by a crash: nothing in it is worth keeping.
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let upstream = spec.nats_upstream.as_deref().unwrap_or("127.0.0.1:0");
+        Ok(Some(
+            Relays::start(&dir, upstream, spec.max_nats_connections, spec.debug).await?,
+        ))
+    }
+
     async fn start_and_wait(&self, name: &str, spec: &RunSpec) -> Result<RunReport, SandboxError> {
         let started = Instant::now();
         self.docker.start_container(name, None).await?;
+        let usage = Usage::default();
+        let sampler = tokio::spawn(usage.clone().sample(self.docker.clone(), name.to_owned()));
         let wait = WaitContainerOptionsBuilder::default()
             .condition("not-running")
             .build();
@@ -213,6 +303,7 @@ impl Sandbox {
             let _ = self.docker.kill_container(name, Some(kill)).await;
         }
         let wall_time = started.elapsed();
+        sampler.abort();
         let state = self.docker.inspect_container(name, None).await?.state;
         let (exit_code, oom_killed) = state
             .map(|s| (s.exit_code.unwrap_or(-1), s.oom_killed.unwrap_or(false)))
@@ -232,6 +323,8 @@ impl Sandbox {
             log_tail: String::from_utf8_lossy(&tail).into_owned(),
             log_truncated,
             wall_time,
+            cpu_time: Duration::from_nanos(usage.cpu_nanos.load(Ordering::Relaxed)),
+            peak_memory_bytes: usage.peak_memory.load(Ordering::Relaxed),
         })
     }
 
@@ -280,5 +373,85 @@ impl Sandbox {
             }
         }
         Ok(removed)
+    }
+}
+
+/// A running container's cpu time and peak memory, sampled from its cgroup (v1 or v2) every
+/// 100 ms, or from Docker's stats where the cgroup is not visible to the runner.
+#[derive(Debug, Clone, Default)]
+struct Usage {
+    cpu_nanos: Arc<AtomicU64>,
+    peak_memory: Arc<AtomicU64>,
+}
+
+impl Usage {
+    fn record(&self, cpu_nanos: Option<u64>, memory: Option<u64>) {
+        if let Some(cpu) = cpu_nanos {
+            self.cpu_nanos.fetch_max(cpu, Ordering::Relaxed);
+        }
+        if let Some(memory) = memory {
+            self.peak_memory.fetch_max(memory, Ordering::Relaxed);
+        }
+    }
+
+    async fn sample(self, docker: Docker, name: String) {
+        let id = match docker.inspect_container(&name, None).await {
+            Ok(info) => info.id.unwrap_or_default(),
+            Err(_) => return,
+        };
+        let read = |path: String| async move {
+            tokio::fs::read_to_string(path)
+                .await
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+        };
+        let v1 = format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage");
+        let v2 = [
+            format!("/sys/fs/cgroup/system.slice/docker-{id}.scope"),
+            format!("/sys/fs/cgroup/docker/{id}"),
+        ]
+        .into_iter()
+        .find(|dir| Path::new(dir).join("cpu.stat").exists());
+        let cgroup = Path::new(&v1).exists() || v2.is_some();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            if Path::new(&v1).exists() {
+                let memory = read(format!(
+                    "/sys/fs/cgroup/memory/docker/{id}/memory.max_usage_in_bytes"
+                ));
+                let (cpu, memory) = (read(v1.clone()).await, memory.await);
+                self.record(cpu, memory);
+            } else if let Some(dir) = &v2 {
+                let cpu = tokio::fs::read_to_string(format!("{dir}/cpu.stat"))
+                    .await
+                    .ok()
+                    .and_then(|text| {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix("usage_usec "))
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                    .map(|usec| usec * 1000);
+                let memory = match read(format!("{dir}/memory.peak")).await {
+                    Some(peak) => Some(peak),
+                    None => read(format!("{dir}/memory.current")).await,
+                };
+                self.record(cpu, memory);
+            } else if !cgroup {
+                let options = StatsOptionsBuilder::default()
+                    .stream(false)
+                    .one_shot(true)
+                    .build();
+                let Some(Ok(stats)) = docker.stats(&name, Some(options)).next().await else {
+                    continue;
+                };
+                let cpu = stats
+                    .cpu_stats
+                    .and_then(|c| c.cpu_usage)
+                    .and_then(|u| u.total_usage);
+                let memory = stats.memory_stats.and_then(|m| m.max_usage.or(m.usage));
+                self.record(cpu, memory);
+            }
+        }
     }
 }

@@ -4,20 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
+use common::{IMAGE, image_present};
 use syntropism_sandbox_runner::sandbox::{AGENT_UID, Outcome, RunSpec, Sandbox};
-
-const IMAGE: &str = "syntropism/agent-runtime:latest";
-
-fn image_present() {
-    let ok = std::process::Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
-    );
-}
 
 /// A workspace owned by the agent user, holding `main.py`.
 fn workspace(main: &str) -> tempfile::TempDir {
