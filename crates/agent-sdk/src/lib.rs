@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use syntropism_contracts::economy::agent as economy;
 use syntropism_contracts::market::agent as market;
+use syntropism_contracts::orchestrator::agent as orchestrator;
 use syntropism_contracts::scheduler::agent as scheduler;
 use syntropism_contracts::{AgentId, RpcClient, RpcError, pb};
 
@@ -274,6 +275,34 @@ impl Agent {
                     limit,
                 },
             )
+            .await?)
+    }
+
+    // ---- orchestrator ----
+
+    /// Own record (status, lineage, executions, totals) and the current window.
+    pub async fn whoami(&self) -> Result<pb::SelfResponse, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<orchestrator::SelfRecord>(&self.id, &pb::SelfRequest {})
+            .await?)
+    }
+
+    /// The living agents: ids and status, never their code.
+    pub async fn directory(&self) -> Result<Vec<pb::DirectoryEntry>, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<orchestrator::Directory>(&self.id, &pb::DirectoryRequest {})
+            .await?
+            .agents)
+    }
+
+    /// Spawns a child (fee burned; endowment and first bid funded from own credits).
+    /// Retrying with the same idempotency id is safe.
+    pub async fn spawn(&self, request: &pb::SpawnRequest) -> Result<pb::SpawnResponse, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<orchestrator::Spawn>(&self.id, request)
             .await?)
     }
 }

@@ -10,6 +10,7 @@ pub mod events;
 pub mod headers;
 pub mod ids;
 pub mod market;
+pub mod orchestrator;
 pub mod rpc;
 pub mod sandbox;
 pub mod scheduler;

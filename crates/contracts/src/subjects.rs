@@ -13,6 +13,7 @@ pub mod services {
     pub const MARKET: &str = "market";
     pub const SCHEDULER: &str = "scheduler";
     pub const SANDBOX: &str = "sandbox";
+    pub const ORCHESTRATOR: &str = "orchestrator";
 }
 
 /// Event subjects of the economy service.
@@ -44,4 +45,13 @@ pub mod scheduler_events {
 pub mod sandbox_events {
     pub const RUN_STARTED: &str = "events.sandbox.run_started";
     pub const RUN_FINISHED: &str = "events.sandbox.run_finished";
+}
+
+/// Event subjects of the orchestrator.
+pub mod orchestrator_events {
+    pub const AGENT_BORN: &str = "events.orchestrator.agent_born";
+    pub const AGENT_STATUS_CHANGED: &str = "events.orchestrator.agent_status_changed";
+    pub const EXECUTION_STARTED: &str = "events.orchestrator.execution_started";
+    pub const EXECUTION_FINISHED: &str = "events.orchestrator.execution_finished";
+    pub const TICK_COMPLETED: &str = "events.orchestrator.tick_completed";
 }

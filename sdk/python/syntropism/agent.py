@@ -164,3 +164,28 @@ class Agent:
         """Own bids, newest first (``status``: a ``pb.BidStatus`` number, 0 for all)."""
         return await self._call("scheduler", "list_bids", pb.ListBidsRequest(
             status=status, before_id=before_id, limit=limit), pb.ListBidsResponse)
+
+    # ---- orchestrator ----
+
+    async def whoami(self):
+        """Own record (status, lineage, executions, totals) and the current window."""
+        return await self._call("orchestrator", "self", pb.SelfRequest(), pb.SelfResponse)
+
+    async def directory(self):
+        """The living agents: ids and status (never their code)."""
+        return (await self._call("orchestrator", "directory", pb.DirectoryRequest(),
+                                 pb.DirectoryResponse)).agents
+
+    async def spawn(self, idempotency_id, endowment_micros, first_bundle, first_bid_micros,
+                    files=None):
+        """Spawns a child: the fee is burned, ``endowment_micros`` and ``first_bid_micros`` go
+        to the child, whose first bid is placed for ``first_bundle``. ``files`` (name → str or
+        bytes) are laid over a copy of own code files. Retrying with the same id is safe."""
+        if isinstance(first_bundle, dict):
+            first_bundle = pb.Bundle(**first_bundle)
+        request = pb.SpawnRequest(idempotency_id=idempotency_id,
+                                  endowment_micros=endowment_micros, first_bundle=first_bundle,
+                                  first_bid_micros=first_bid_micros)
+        for name, contents in (files or {}).items():
+            request.files[name] = contents.encode() if isinstance(contents, str) else contents
+        return await self._call("orchestrator", "spawn", request, pb.SpawnResponse)
