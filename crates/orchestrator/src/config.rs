@@ -94,7 +94,7 @@ impl Default for OrchestratorSection {
             genesis_dir: PathBuf::from("workspaces/genesis"),
             genesis_endowment_micros: 1_000_000_000,
             genesis_bundle: BundleConfig::default(),
-            genesis_bid_micros: 5_000_000,
+            genesis_bid_micros: 10_000_000,
             spawn_fee_micros: 100_000_000,
             spawn_max_files: 64,
             spawn_max_file_bytes: 256 * 1024,

@@ -221,7 +221,7 @@ impl Orchestrator {
             ));
             match self
                 .call::<economy::Batch>(&pb::BatchRequest {
-                    idempotency_id: format!("spawn/{child}/pay"),
+                    idempotency_id: format!("spawn:{child}:pay"),
                     ops,
                 })
                 .await
@@ -250,7 +250,7 @@ impl Orchestrator {
                 .call_as::<scheduler_agent::PlaceBid>(
                     &child,
                     &pb::PlaceBidRequest {
-                        idempotency_id: format!("spawn/{child}/first-bid"),
+                        idempotency_id: format!("spawn:{child}:first-bid"),
                         bundle: request.first_bundle,
                         amount_micros: request.first_bid_micros,
                         ..Default::default()

@@ -283,7 +283,7 @@ impl Store {
         .load(&mut conn)
         .await
         .map_err(db_error)?;
-        Ok(rows.iter().next().map(|r| r.term))
+        Ok(rows.into_iter().next().map(|r| r.term))
     }
 
     /// Gives the lease up (a clean shutdown), so another replica takes over at once.
@@ -326,7 +326,7 @@ impl Store {
         .load(&mut conn)
         .await
         .map_err(db_error)?;
-        Ok(rows.iter().next().map(|r| (r.tick as u64, r.finished)))
+        Ok(rows.into_iter().next().map(|r| (r.tick as u64, r.finished)))
     }
 
     /// The last finished tick and its length.
@@ -347,7 +347,7 @@ impl Store {
         .await
         .map_err(db_error)?;
         Ok(rows
-            .iter()
+            .into_iter()
             .next()
             .map(|r| (r.tick as u64, r.duration_ms.max(0) as u64)))
     }
@@ -579,7 +579,8 @@ impl Store {
 
     // ---- Executions ----
 
-    /// Creates the executions of a round's allocations (those that exist already are kept),
+    /// Creates the executions of a round's allocations, each with a new id (those that exist
+    /// already, from an earlier attempt of the round, are kept with theirs),
     /// charging each agent's record with what it paid. Returns the round's executions.
     pub async fn create_executions(
         &self,
@@ -599,7 +600,7 @@ impl Store {
                        (SELECT 1 FROM agents WHERE agent_id = $2 AND status IN ('alive', 'dormant')) \
                      ON CONFLICT DO NOTHING",
                 )
-                .bind::<Text, _>(execution_id(round, a.bid_id))
+                .bind::<Text, _>(uuid::Uuid::now_v7().to_string())
                 .bind::<diesel::sql_types::Uuid, _>(agent)
                 .bind::<BigInt, _>(round as i64)
                 .bind::<BigInt, _>(a.bid_id)
@@ -809,7 +810,7 @@ impl Store {
             .load(&mut conn)
             .await
             .map_err(db_error)?;
-        Ok(rows.iter().next().map_or(0, |r| r.n.max(0) as u64))
+        Ok(rows.into_iter().next().map_or(0, |r| r.n.max(0) as u64))
     }
 
     // ---- Spawns ----
@@ -936,9 +937,4 @@ impl Store {
         .map_err(db_error)?;
         Ok(rows)
     }
-}
-
-/// The execution id of round `round`'s allocation to bid `bid_id`.
-pub fn execution_id(round: u64, bid_id: i64) -> String {
-    format!("r{round}-b{bid_id}")
 }

@@ -215,14 +215,14 @@ impl Orchestrator {
                 .map_err(|e| RpcError::internal(e.to_string()))?;
         }
         self.call::<economy::OpenAccount>(&pb::OpenAccountRequest {
-            idempotency_id: "genesis/open".into(),
+            idempotency_id: "genesis:open".into(),
             op: Some(pb::OpenAccountOp {
                 agent_id: id.clone(),
             }),
         })
         .await?;
         self.call::<economy::Mint>(&pb::MintRequest {
-            idempotency_id: "genesis/grant".into(),
+            idempotency_id: "genesis:grant".into(),
             op: Some(pb::MintOp {
                 agent_id: id.clone(),
                 amount_micros: self.config.genesis_endowment_micros,
@@ -234,7 +234,7 @@ impl Orchestrator {
         self.call_as::<scheduler_agent::PlaceBid>(
             &agent,
             &pb::PlaceBidRequest {
-                idempotency_id: "genesis/first-bid".into(),
+                idempotency_id: "genesis:first-bid".into(),
                 bundle: Some(self.config.genesis_bundle.to_pb()),
                 amount_micros: self.config.genesis_bid_micros,
                 ..Default::default()
@@ -524,7 +524,7 @@ impl Orchestrator {
         };
         if next == pb::AgentStatus::Dead {
             self.call::<economy::CloseAccount>(&pb::CloseAccountRequest {
-                idempotency_id: format!("death/{agent}"),
+                idempotency_id: format!("death:{agent}"),
                 op: Some(pb::CloseAccountOp {
                     agent_id: agent.to_string(),
                     memo: "death".into(),

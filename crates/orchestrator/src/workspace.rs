@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Extensions of the files that count as an agent's code (copied to its children).
 const CODE_EXTENSIONS: [&str; 9] = [
@@ -64,14 +64,10 @@ pub fn sanitise(name: &str) -> Result<PathBuf, WorkspaceError> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(bad());
     }
-    let path = Path::new(name);
     let mut depth = 0;
-    for component in path.components() {
-        let Component::Normal(part) = component else {
-            return Err(bad());
-        };
-        let part = part.to_str().ok_or_else(bad)?;
-        if part.starts_with('.')
+    for part in name.split('/') {
+        if part.is_empty()
+            || part.starts_with('.')
             || !part
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -80,10 +76,10 @@ pub fn sanitise(name: &str) -> Result<PathBuf, WorkspaceError> {
         }
         depth += 1;
     }
-    if depth == 0 || depth > MAX_DEPTH || NOT_CODE.contains(&name) {
+    if depth > MAX_DEPTH || NOT_CODE.contains(&name) {
         return Err(bad());
     }
-    Ok(path.to_owned())
+    Ok(PathBuf::from(name))
 }
 
 fn is_code(name: &Path) -> bool {

@@ -18,7 +18,7 @@ CREATE TABLE agents (
 );
 CREATE INDEX agents_living ON agents (status) WHERE status IN ('alive', 'dormant');
 
--- One row per allocation executed: the id is derived from the round and the bid, so a tick
+-- One row per allocation executed, keyed by round and bid as well as by its id, so a tick
 -- redone by another leader finds the executions it already created.
 CREATE TABLE executions (
     execution_id    text PRIMARY KEY,

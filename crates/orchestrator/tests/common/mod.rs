@@ -1,0 +1,395 @@
+//! The whole system as the orchestrator meets it: NATS in operator mode, Postgres, the economy,
+//! market, scheduler and a sandbox runner in this process, and orchestrator replicas in this
+//! process or as their own processes (so a test can kill one).
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use syntropism_contracts::economy::internal as economy;
+use syntropism_contracts::orchestrator::admin;
+use syntropism_contracts::{AgentId, RpcClient, pb};
+use syntropism_identity::Authority;
+use syntropism_test_support::{Nats, Postgres};
+use tokio_util::sync::CancellationToken;
+
+pub const IMAGE: &str = "syntropism/agent-runtime:latest";
+
+pub fn image_present() {
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
+    );
+}
+
+pub struct Stack {
+    pub authority: Authority,
+    pub nats: Nats,
+    pub pg: Postgres,
+    pub client: RpcClient,
+    pub nats_client: async_nats::Client,
+    pub dir: tempfile::TempDir,
+    pub workspaces: PathBuf,
+    pub archive: PathBuf,
+    pub identity: PathBuf,
+    pub genesis: PathBuf,
+    pub runner_id: String,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    orchestrators: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+fn creds(authority: &Authority, dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.creds"));
+    std::fs::write(&path, authority.service(name).unwrap().to_creds_file()).unwrap();
+    path
+}
+
+impl Stack {
+    /// The services but the orchestrator; `genesis_main` is genesis's `main.py`.
+    pub async fn start(genesis_main: &str) -> Stack {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,syntropism_orchestrator=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        image_present();
+        let authority = Authority::generate();
+        let nats = Nats::start_with_config(&authority.server_config().unwrap());
+        let pg = Postgres::fresh_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let identity = dir.path().join("identity");
+        authority.save(&identity).unwrap();
+        let genesis = dir.path().join("genesis");
+        std::fs::create_dir_all(&genesis).unwrap();
+        std::fs::write(genesis.join("main.py"), genesis_main).unwrap();
+        let nats_client =
+            async_nats::ConnectOptions::with_credentials_file(creds(&authority, dir.path(), "cli"))
+                .await
+                .unwrap()
+                .connect(nats.url())
+                .await
+                .unwrap();
+        let mut stack = Stack {
+            client: RpcClient::new(nats_client.clone()).with_timeout(Duration::from_secs(30)),
+            nats_client,
+            workspaces: dir.path().join("workspaces"),
+            archive: dir.path().join("archive"),
+            identity,
+            genesis,
+            runner_id: format!("orch-test-{}", uuid::Uuid::new_v4().simple()),
+            authority,
+            nats,
+            pg,
+            dir,
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+            orchestrators: Vec::new(),
+        };
+        let economy: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
+            syntropism_economy::config::SECTION,
+            syntropism_economy::config::DEFAULTS,
+            None,
+            stack.vars("economy"),
+        )
+        .unwrap();
+        let service = syntropism_economy::start(&economy, stack.stop.clone())
+            .await
+            .unwrap();
+        stack.tasks.push(tokio::spawn(service.run()));
+        let market: syntropism_market::MarketConfig = syntropism_platform::config::load_from(
+            syntropism_market::config::SECTION,
+            syntropism_market::config::DEFAULTS,
+            None,
+            stack.vars("market"),
+        )
+        .unwrap();
+        let service = syntropism_market::start(&market, stack.stop.clone())
+            .await
+            .unwrap();
+        stack.tasks.push(tokio::spawn(service.run()));
+        let scheduler: syntropism_scheduler::SchedulerConfig =
+            syntropism_platform::config::load_from(
+                syntropism_scheduler::config::SECTION,
+                syntropism_scheduler::config::DEFAULTS,
+                None,
+                stack.vars("scheduler"),
+            )
+            .unwrap();
+        let service = syntropism_scheduler::start(&scheduler, stack.stop.clone())
+            .await
+            .unwrap();
+        stack.tasks.push(tokio::spawn(service.run()));
+        let mut runner_vars = stack.vars("sandbox");
+        runner_vars.extend([
+            (
+                "SYNTROPISM__SANDBOX__RUNNER_ID".to_owned(),
+                stack.runner_id.clone(),
+            ),
+            (
+                "SYNTROPISM__SANDBOX__WORKSPACE_ROOT".into(),
+                stack.workspaces.display().to_string(),
+            ),
+            (
+                "SYNTROPISM__SANDBOX__RUN_DIR".into(),
+                stack.dir.path().join("runs").display().to_string(),
+            ),
+            ("SYNTROPISM__SANDBOX__CPU_MILLICORES".into(), "4000".into()),
+            ("SYNTROPISM__SANDBOX__MEMORY_MIB".into(), "8192".into()),
+        ]);
+        let runner: syntropism_sandbox_runner::RunnerConfig =
+            syntropism_platform::config::load_from(
+                syntropism_sandbox_runner::config::SECTION,
+                syntropism_sandbox_runner::config::DEFAULTS,
+                None,
+                runner_vars,
+            )
+            .unwrap();
+        let service = syntropism_sandbox_runner::start(&runner, stack.stop.clone())
+            .await
+            .unwrap();
+        stack.tasks.push(tokio::spawn(service.run()));
+        stack
+    }
+
+    /// The environment a service `role` is configured with.
+    pub fn vars(&self, role: &str) -> Vec<(String, String)> {
+        vec![
+            ("SYNTROPISM__NATS__URL".into(), self.nats.url()),
+            (
+                "SYNTROPISM__NATS__CREDENTIALS_FILE".into(),
+                creds(&self.authority, self.dir.path(), role)
+                    .display()
+                    .to_string(),
+            ),
+            (
+                "SYNTROPISM__DATABASE__URL".into(),
+                self.pg.url_for(role, role),
+            ),
+            (
+                "SYNTROPISM__DATABASE__ADMIN_URL".into(),
+                self.pg.admin_url(),
+            ),
+            ("SYNTROPISM__HTTP__ENABLED".into(), "false".into()),
+            ("SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".into(), "50".into()),
+        ]
+    }
+
+    /// An orchestrator replica's environment; `extra` are `[orchestrator]` keys.
+    pub fn orchestrator_vars(
+        &self,
+        replica: &str,
+        extra: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let mut vars = self.vars("orchestrator");
+        let o = |k: &str| format!("SYNTROPISM__ORCHESTRATOR__{}", k.to_uppercase());
+        vars.extend([
+            (o("replica_id"), replica.to_owned()),
+            (o("workspace_root"), self.workspaces.display().to_string()),
+            (o("archive_root"), self.archive.display().to_string()),
+            (o("identity_dir"), self.identity.display().to_string()),
+            (o("genesis_dir"), self.genesis.display().to_string()),
+            (o("tick_ms"), "1500".into()),
+            (o("lease_ms"), "3000".into()),
+            (o("run_grace_ms"), "5000".into()),
+            (o("genesis_bundle__cpu_millicores"), "250".into()),
+            (o("genesis_bundle__memory_mib"), "128".into()),
+            (o("genesis_bundle__duration_ms"), "8000".into()),
+            (o("genesis_bundle__attention_slots"), "0".into()),
+        ]);
+        for (k, v) in extra {
+            vars.push((o(k), (*v).to_owned()));
+        }
+        vars
+    }
+
+    /// Starts an orchestrator replica in this process.
+    pub async fn orchestrator(&mut self, replica: &str, extra: &[(&str, &str)]) {
+        let config: syntropism_orchestrator::OrchestratorConfig =
+            syntropism_platform::config::load_from(
+                syntropism_orchestrator::config::SECTION,
+                syntropism_orchestrator::config::DEFAULTS,
+                None,
+                self.orchestrator_vars(replica, extra),
+            )
+            .unwrap();
+        let stop = self.stop.child_token();
+        let service = syntropism_orchestrator::start(&config, stop.clone())
+            .await
+            .unwrap();
+        self.orchestrators.push((stop, tokio::spawn(service.run())));
+    }
+
+    /// An orchestrator replica as its own process (the `orchestrator` binary).
+    pub fn orchestrator_process(
+        &self,
+        replica: &str,
+        extra: &[(&str, &str)],
+    ) -> std::process::Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{replica}.log"))).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .envs(self.orchestrator_vars(replica, extra))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn log_of(&self, replica: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{replica}.log"))).unwrap_or_default()
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        self.client
+            .call::<admin::Status>(&pb::StatusRequest {})
+            .await
+            .unwrap()
+    }
+
+    pub async fn agents(&self) -> Vec<pb::Agent> {
+        self.client
+            .call::<admin::ListAgents>(&pb::ListAgentsRequest::default())
+            .await
+            .unwrap()
+            .agents
+    }
+
+    pub async fn detail(&self, agent: &str) -> pb::AgentDetailResponse {
+        self.client
+            .call::<admin::AgentDetail>(&pb::AgentDetailRequest {
+                agent_id: agent.into(),
+                executions: 100,
+            })
+            .await
+            .unwrap()
+    }
+
+    pub async fn audit(&self) -> pb::AuditResponse {
+        self.client
+            .call::<economy::Audit>(&pb::AuditRequest {})
+            .await
+            .unwrap()
+    }
+
+    pub async fn account(&self, agent: &str) -> pb::Account {
+        self.client
+            .call::<economy::Balance>(&pb::BalanceRequest {
+                account: Some(pb::AccountRef {
+                    account: Some(pb::account_ref::Account::AgentId(agent.into())),
+                }),
+            })
+            .await
+            .unwrap()
+            .account
+            .unwrap()
+    }
+
+    /// Waits (at most `seconds`) until `check` holds for the agents.
+    pub async fn until<F: Fn(&[pb::Agent]) -> bool>(
+        &self,
+        seconds: u64,
+        what: &str,
+        check: F,
+    ) -> Vec<pb::Agent> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        loop {
+            // Replicas starting as processes may not answer yet.
+            let agents = self
+                .client
+                .call::<admin::ListAgents>(&pb::ListAgentsRequest::default())
+                .await
+                .map(|r| r.agents)
+                .unwrap_or_default();
+            if check(&agents) {
+                return agents;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {agents:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub fn workspace(&self, agent: &str) -> PathBuf {
+        self.workspaces.join(agent)
+    }
+
+    /// Every event published so far on `events.>` (from the JetStream stream), as
+    /// (subject, envelope).
+    pub async fn events(&self) -> Vec<(String, pb::EventEnvelope)> {
+        use prost::Message as _;
+        let js = async_nats::jetstream::new(self.nats_client.clone());
+        let stream = js
+            .get_stream(syntropism_contracts::subjects::EVENTS_STREAM)
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = stream.get_info().await.unwrap().state.messages as usize;
+        let mut out = Vec::new();
+        let mut messages = consumer
+            .fetch()
+            .max_messages(pending.max(1))
+            .messages()
+            .await
+            .unwrap();
+        while out.len() < pending {
+            let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+            else {
+                break;
+            };
+            let envelope = pb::EventEnvelope::decode(message.payload.as_ref()).unwrap();
+            out.push((message.subject.to_string(), envelope));
+        }
+        out
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        for (_, task) in std::mem::take(&mut self.orchestrators) {
+            task.await.unwrap();
+        }
+        for task in std::mem::take(&mut self.tasks) {
+            task.await.unwrap();
+        }
+    }
+}
+
+pub fn agent_id(agent: &pb::Agent) -> AgentId {
+    AgentId::parse(&agent.agent_id, "agent_id").unwrap()
+}
+
+/// A failed test leaves no container of its runner behind.
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let out = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=org.syntropism.runner={}", self.runner_id),
+            ])
+            .output();
+        if let Ok(out) = out {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "-f", id])
+                    .output();
+            }
+        }
+    }
+}
