@@ -4,6 +4,7 @@
 //! types. It also carries the one generic, typed request/reply layer over NATS ([`rpc`]), so no
 //! service writes decode → handle → encode boilerplate again.
 
+pub mod attention;
 pub mod economy;
 pub mod error;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod orchestrator;
 pub mod rpc;
 pub mod sandbox;
 pub mod scheduler;
+pub mod social;
 pub mod subjects;
 pub mod trace;
 

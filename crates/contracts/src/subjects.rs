@@ -14,6 +14,8 @@ pub mod services {
     pub const SCHEDULER: &str = "scheduler";
     pub const SANDBOX: &str = "sandbox";
     pub const ORCHESTRATOR: &str = "orchestrator";
+    pub const ATTENTION: &str = "attention";
+    pub const SOCIAL: &str = "social";
 }
 
 /// Event subjects of the economy service.
@@ -54,4 +56,18 @@ pub mod orchestrator_events {
     pub const EXECUTION_STARTED: &str = "events.orchestrator.execution_started";
     pub const EXECUTION_FINISHED: &str = "events.orchestrator.execution_finished";
     pub const TICK_COMPLETED: &str = "events.orchestrator.tick_completed";
+}
+
+/// Event subjects of the attention service.
+pub mod attention_events {
+    pub const PROMPTED: &str = "events.attention.prompted";
+    pub const REWARDED: &str = "events.attention.rewarded";
+    pub const DISMISSED: &str = "events.attention.dismissed";
+    pub const EXPIRED: &str = "events.attention.expired";
+}
+
+/// Event subjects of the social service.
+pub mod social_events {
+    pub const MESSAGE_SENT: &str = "events.social.message_sent";
+    pub const POSTED: &str = "events.social.posted";
 }

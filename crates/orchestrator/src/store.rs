@@ -164,6 +164,7 @@ impl From<ExecutionRow> for StoredExecution {
             status: 0,
             created_at: Some(timestamp(row.created_at)),
             deadline: row.deadline.map(timestamp),
+            started_at: row.started_at.map(timestamp),
             run: row
                 .run
                 .and_then(|bytes| pb::RunRecord::decode(bytes.as_slice()).ok()),

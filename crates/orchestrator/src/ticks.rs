@@ -326,6 +326,7 @@ impl Orchestrator {
                 let mut started = execution.clone();
                 started.set_status(pb::ExecutionStatus::Running);
                 started.deadline = request.deadline;
+                started.started_at = Some(timestamp(Utc::now()));
                 self.store
                     .dispatch(
                         &execution.execution_id,
