@@ -16,6 +16,7 @@ use syntropism_contracts::economy::internal as economy;
 use syntropism_contracts::market::internal as market;
 use syntropism_contracts::sandbox::internal as sandbox;
 use syntropism_contracts::scheduler::{agent as scheduler_agent, internal as scheduler};
+use syntropism_contracts::social::internal as social;
 use syntropism_contracts::subjects::{orchestrator_events, services};
 use syntropism_contracts::{AgentId, ErrorCode, RpcError, events, pb};
 use syntropism_identity::ExecutionGrant;
@@ -295,6 +296,30 @@ impl Orchestrator {
             expires_at: deadline.timestamp() + 1,
             name: execution.execution_id.clone(),
         };
+        // What the window will find in its inbox (one attempt: a window opens without it).
+        let inbox = match self
+            .client
+            .call::<social::InboxSummary>(&pb::InboxSummaryRequest {
+                agent_id: execution.agent_id.clone(),
+                window_start: Some(timestamp(Utc::now())),
+            })
+            .await
+        {
+            Ok(summary) => format!(
+                r#"{{"count":{},"senders":[{}]}}"#,
+                summary.count,
+                summary
+                    .senders
+                    .iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Err(error) => {
+                tracing::debug!(%error, "no inbox summary for a window");
+                String::new()
+            }
+        };
         let credentials = self
             .authority
             .execution(&grant)
@@ -310,7 +335,7 @@ impl Orchestrator {
             inbox_prefix: grant.inbox_prefix,
             debug: self.config.debug_agents.contains(&execution.agent_id),
             balance_micros: balance.available_micros,
-            inbox_json: String::new(),
+            inbox_json: inbox,
             traceparent: syntropism_contracts::trace::current_traceparent().unwrap_or_default(),
         })
     }
