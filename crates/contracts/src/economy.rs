@@ -90,3 +90,14 @@ pub mod agent {
         pb::AgentTransferRequest => pb::AgentTransferResponse
     );
 }
+
+/// Operator requests: `admin.economy.<method>`.
+pub mod admin {
+    use super::*;
+
+    rpc_method!(
+        /// Ledger totals and whether every invariant holds (the operator's audit).
+        Audit: Admin "economy"."audit",
+        pb::AuditRequest => pb::AuditResponse
+    );
+}

@@ -40,6 +40,12 @@ pub mod admin {
     use super::*;
 
     rpc_method!(
+        /// Supply, utilisation, reserve and discovered prices, and recent rounds (the
+        /// operator's view of what agents see).
+        State: Admin "market"."state",
+        pb::MarketStateRequest => pb::MarketStateResponse
+    );
+    rpc_method!(
         /// Changes supply, window limit, reserve prices, bounds or the price rule at runtime.
         UpdateCatalogue: Admin "market"."update_catalogue",
         pb::UpdateCatalogueRequest => pb::UpdateCatalogueResponse

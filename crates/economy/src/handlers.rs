@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use syntropism_contracts::economy::{agent, internal};
+use syntropism_contracts::economy::{admin, agent, internal};
 use syntropism_contracts::{
     AgentId, Credits, HoldId, IdempotencyId, Method, RequestContext, RpcError, RpcServer, pb,
 };
@@ -47,6 +47,7 @@ pub async fn register(
     serve!(internal::Balance, balance);
     serve!(internal::History, history);
     serve!(internal::Audit, audit);
+    serve!(admin::Audit, audit);
     serve!(agent::Balance, agent_balance);
     serve!(agent::History, agent_history);
     serve!(agent::Transfer, agent_transfer);

@@ -41,6 +41,7 @@ pub async fn register(
     serve!(internal::Quote, quote);
     serve!(internal::ReportRound, report_round);
     serve!(agent::State, state);
+    serve!(admin::State, state);
     serve!(admin::UpdateCatalogue, update_catalogue);
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use syntropism_contracts::economy::internal as economy;
-use syntropism_contracts::market::agent as market_agent;
+use syntropism_contracts::market::admin as market_admin;
 use syntropism_contracts::orchestrator::{admin, agent, internal};
 use syntropism_contracts::{AgentId, RequestContext, RpcError, RpcServer, pb};
 
@@ -59,12 +59,8 @@ impl Orchestrator {
         let (tick, tick_duration_ms) = self.store.last_finished_tick().await?.unwrap_or((0, 0));
         let running = self.store.open_executions().await?.len() as u32;
         let audit = self.call::<economy::Audit>(&pb::AuditRequest {}).await?;
-        // The market as agents see it (any agent id will do for the operator's view).
         let market = self
-            .call_as::<market_agent::State>(
-                &AgentId::from_uuid(uuid::Uuid::nil()),
-                &pb::MarketStateRequest { rounds: 1 },
-            )
+            .call::<market_admin::State>(&pb::MarketStateRequest { rounds: 1 })
             .await?;
         let catalogue = market.catalogue.unwrap_or_default();
         Ok(pb::StatusResponse {
