@@ -53,6 +53,8 @@ pub enum Command {
         last: u64,
     },
     Audit,
+    /// One line per tick until interrupted (the demo's progress).
+    Watch,
 }
 
 /// A connection with the operator's credentials.
@@ -288,6 +290,9 @@ impl Cli {
     ) -> anyhow::Result<()> {
         if let Command::Events { follow, last } = command {
             return self.events(follow, last, output, out).await;
+        }
+        if let Command::Watch = command {
+            return self.watch(output, out).await;
         }
         let (value, text) = self.render(command).await?;
         match output {
@@ -722,8 +727,81 @@ impl Cli {
                 );
                 (value, text)
             }
-            Command::Events { .. } => unreachable!("handled by run"),
+            Command::Events { .. } | Command::Watch => unreachable!("handled by run"),
         })
+    }
+
+    /// A progress line after every tick: the tick, the population, executions, prices and the
+    /// treasury.
+    async fn watch(&self, output: Output, out: &mut impl Write) -> anyhow::Result<()> {
+        let mut ticks = self
+            .client
+            .nats()
+            .subscribe(syntropism_contracts::subjects::orchestrator_events::TICK_COMPLETED)
+            .await?;
+        while let Some(message) = ticks.next().await {
+            let Ok(envelope) = pb::EventEnvelope::decode(message.payload.as_ref()) else {
+                continue;
+            };
+            let Ok(tick) = events::open::<pb::TickCompleted>(&envelope) else {
+                continue;
+            };
+            let status = match self
+                .client
+                .call::<orchestrator::Status>(&pb::StatusRequest {})
+                .await
+            {
+                Ok(status) => status,
+                Err(error) => {
+                    writeln!(out, "tick {}: status unavailable: {error}", tick.tick)?;
+                    continue;
+                }
+            };
+            let d = status.discovered.unwrap_or_default();
+            match output {
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "tick": tick.tick,
+                        "duration_ms": tick.duration_ms,
+                        "overran": tick.overran,
+                        "allocations": tick.allocations,
+                        "alive": tick.alive,
+                        "dormant": tick.dormant,
+                        "dead": tick.dead,
+                        "running_executions": status.running_executions,
+                        "executions_total": status.executions_total,
+                        "discovered": prices(&status.discovered),
+                        "minted_micros": status.minted_micros,
+                        "burned_micros": status.burned_micros,
+                        "agents_micros": status.agents_micros,
+                        "audit_ok": status.audit_ok,
+                    })
+                )?,
+                Output::Table => writeln!(
+                    out,
+                    "tick {:>5} {:>5} ms{} | alive {} dormant {} dead {} | executions {} now, {} in all | \
+                     cpu {} nc/mcpu·s, attention {} | minted {}, burned {}, agents hold {} | audit {}",
+                    tick.tick,
+                    tick.duration_ms,
+                    if tick.overran { " (overran)" } else { "" },
+                    tick.alive,
+                    tick.dormant,
+                    tick.dead,
+                    status.running_executions,
+                    status.executions_total,
+                    d.cpu_nanos_per_millicore_second,
+                    credits(d.attention_slot_nanos / 1000),
+                    credits(status.minted_micros),
+                    credits(status.burned_micros),
+                    credits(status.agents_micros),
+                    if status.audit_ok { "ok" } else { "VIOLATED" },
+                )?,
+            }
+            out.flush()?;
+        }
+        Ok(())
     }
 
     /// The last `last` events of the stream, then (with `follow`) every new one.

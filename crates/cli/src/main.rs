@@ -86,6 +86,8 @@ enum Commands {
     },
     /// The ledger's invariants: the sum of all accounts is zero, no available balance negative.
     Audit,
+    /// A progress line after every tick (tick, agents, executions, prices, treasury) until Ctrl-C.
+    Watch,
 }
 
 #[tokio::main]
@@ -129,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         Commands::Messages { limit } => Command::Messages { limit },
         Commands::Events { follow, last } => Command::Events { follow, last },
         Commands::Audit => Command::Audit,
+        Commands::Watch => Command::Watch,
     };
     let mut stdout = std::io::stdout();
     match cli.run(command, output, &mut stdout).await {
