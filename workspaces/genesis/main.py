@@ -73,8 +73,9 @@ async def main():
     balance = await agent.balance()
     notes["balances"] = (notes["balances"] + [balance.available_micros])[-20:]
     market = await agent.market_state(rounds=1)
-    prices = market.discovered if market.discovered.cpu_nanos_per_millicore_second else \
-        market.catalogue.reserve
+    # Bids are priced from the reserve, not from the discovered prices: paying a margin over
+    # what winners paid last round would raise the price every round.
+    prices = market.catalogue.reserve
     current = me.current.bundle if me.HasField("current") else None
 
     # Messages: read what arrived, answer the human now and then.

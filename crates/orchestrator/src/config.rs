@@ -73,6 +73,8 @@ pub struct OrchestratorSection {
     pub spawn_max_files: usize,
     pub spawn_max_file_bytes: usize,
     pub spawn_max_total_bytes: u64,
+    /// A spawn its parent's request left unfinished this long is carried forward by the leader.
+    pub spawn_sweep_after_ms: u64,
     /// The cheapest possible bundle: an agent that cannot pay its reserve value, with no bid
     /// and no window, is dead.
     pub cheapest_bundle: BundleConfig,
@@ -99,6 +101,7 @@ impl Default for OrchestratorSection {
             spawn_max_files: 64,
             spawn_max_file_bytes: 256 * 1024,
             spawn_max_total_bytes: 4 * 1024 * 1024,
+            spawn_sweep_after_ms: 30_000,
             cheapest_bundle: BundleConfig {
                 cpu_millicores: 100,
                 memory_mib: 64,

@@ -28,9 +28,6 @@ use crate::store::SpawnRow;
 use crate::ticks::{agent_ref, event};
 use crate::{Orchestrator, workspace};
 
-/// Spawns left unfinished this long are carried forward by the leader.
-const SWEEP_AFTER_MS: u64 = 30_000;
-
 fn request_hash(request: &pb::SpawnRequest) -> Vec<u8> {
     let mut rest = request.clone();
     let files: BTreeMap<String, Vec<u8>> = std::mem::take(&mut rest.files).into_iter().collect();
@@ -317,7 +314,11 @@ impl Orchestrator {
 
     /// Carries forward spawns their parent's request left half-way.
     pub(crate) async fn resume_spawns(&self) {
-        let rows = match self.store.unfinished_spawns(SWEEP_AFTER_MS).await {
+        let rows = match self
+            .store
+            .unfinished_spawns(self.config.spawn_sweep_after_ms)
+            .await
+        {
             Ok(rows) => rows,
             Err(error) => {
                 tracing::warn!(%error, "listing unfinished spawns failed");

@@ -39,6 +39,8 @@ pub struct Stack {
     pub identity: PathBuf,
     pub genesis: PathBuf,
     pub runner_id: String,
+    /// Settings every service is given on top of its own.
+    pub extra: Vec<(String, String)>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     orchestrators: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
@@ -53,6 +55,12 @@ fn creds(authority: &Authority, dir: &Path, name: &str) -> PathBuf {
 impl Stack {
     /// The services but the orchestrator; `genesis_main` is genesis's `main.py`.
     pub async fn start(genesis_main: &str) -> Stack {
+        Stack::start_with(genesis_main, &[]).await
+    }
+
+    /// [`Stack::start`], with `extra` settings (`SYNTROPISM__<SECTION>__<KEY>`, each read only
+    /// by the service whose section it names) given to every service.
+    pub async fn start_with(genesis_main: &str, extra: &[(&str, &str)]) -> Stack {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -92,6 +100,10 @@ impl Stack {
             stop: CancellationToken::new(),
             tasks: Vec::new(),
             orchestrators: Vec::new(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         let economy: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
             syntropism_economy::config::SECTION,
@@ -144,6 +156,7 @@ impl Stack {
             ("SYNTROPISM__SANDBOX__CPU_MILLICORES".into(), "4000".into()),
             ("SYNTROPISM__SANDBOX__MEMORY_MIB".into(), "8192".into()),
         ]);
+        runner_vars.extend(stack.extra.iter().cloned());
         let runner: syntropism_sandbox_runner::RunnerConfig =
             syntropism_platform::config::load_from(
                 syntropism_sandbox_runner::config::SECTION,
@@ -161,7 +174,7 @@ impl Stack {
 
     /// The environment a service `role` is configured with.
     pub fn vars(&self, role: &str) -> Vec<(String, String)> {
-        vec![
+        let mut vars = vec![
             ("SYNTROPISM__NATS__URL".into(), self.nats.url()),
             (
                 "SYNTROPISM__NATS__CREDENTIALS_FILE".into(),
@@ -179,7 +192,9 @@ impl Stack {
             ),
             ("SYNTROPISM__HTTP__ENABLED".into(), "false".into()),
             ("SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".into(), "50".into()),
-        ]
+        ];
+        vars.extend(self.extra.iter().cloned());
+        vars
     }
 
     /// An orchestrator replica's environment; `extra` are `[orchestrator]` keys.

@@ -1,0 +1,215 @@
+//! `just bench-economy-loop`: the whole economy under load, beside bare `docker run --rm`.
+//!
+//! Genesis spawns `BENCH_AGENTS - 1` children in its first window; every agent runs the same
+//! trivial program (connect with its execution's credentials, bid for its next window, exit).
+//! Once all of them live, the benchmark measures `BENCH_TICKS` ticks (default 20): each tick's
+//! duration (the leader's work: clearing, creating and dispatching executions, settling every
+//! agent) from the `tick_completed` events, and the executions finished per minute. Then, in
+//! the same run, it starts the same number of containers with bare `docker run --rm` of the
+//! same image (at `BENCH_BARE_PARALLEL` at a time, default 8) and prints the ratio of the two
+//! rates. Every service is real: NATS in operator mode, Postgres, Docker.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use prost::Message as _;
+use syntropism_contracts::pb;
+use syntropism_contracts::subjects::orchestrator_events;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Every agent: bid for the next window, exit. Genesis's first window also spawns the others.
+fn program(agents: u64) -> String {
+    format!(
+        r#"
+import asyncio
+from syntropism.agent import Agent
+
+BUNDLE = {{"cpu_millicores": 100, "memory_mib": 64, "duration_ms": 10000}}
+
+async def main():
+    agent = await Agent.connect(timeout=20)
+    me = await agent.whoami()
+    if not me.agent.lineage and me.agent.execution_count == 1:
+        async def one(i):
+            await agent.spawn(f"bench-{{i}}", 50_000_000, BUNDLE, 50_000, {{}})
+        for start in range(0, {children}, 20):
+            await asyncio.gather(*(one(i) for i in range(start, min(start + 20, {children}))))
+    await agent.place_bid(f"next-{{agent.env.execution_id}}", BUNDLE, 50_000)
+    await agent.close()
+
+asyncio.run(main())
+"#,
+        children = agents - 1
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let agents = env_or("BENCH_AGENTS", 200);
+    let ticks = env_or("BENCH_TICKS", 20);
+    let parallel = env_or("BENCH_BARE_PARALLEL", 8) as usize;
+    let tick_ms = env_or("BENCH_TICK_MS", 2000);
+    let cpu = (agents * 100).to_string();
+    let memory = (agents * 64 + 1024).to_string();
+    let mut stack = common::Stack::start_with(
+        &program(agents),
+        &[
+            ("SYNTROPISM__MARKET__SUPPLY__CPU_MILLICORES", cpu.as_str()),
+            ("SYNTROPISM__MARKET__SUPPLY__MEMORY_MIB", memory.as_str()),
+            ("SYNTROPISM__SANDBOX__CPU_MILLICORES", cpu.as_str()),
+            ("SYNTROPISM__SANDBOX__MEMORY_MIB", memory.as_str()),
+            ("SYNTROPISM__SANDBOX__MAX_NATS_CONNECTIONS", "4"),
+        ],
+    )
+    .await;
+    let tick = tick_ms.to_string();
+    stack
+        .orchestrator(
+            "bench",
+            &[
+                ("tick_ms", tick.as_str()),
+                ("lease_ms", "20000"),
+                ("genesis_endowment_micros", "100000000000"),
+                ("genesis_bid_micros", "1000000"),
+                ("genesis_bundle__duration_ms", "120000"),
+                ("spawn_fee_micros", "0"),
+            ],
+        )
+        .await;
+    eprintln!("economy loop: waiting for {agents} agents");
+    let started = Instant::now();
+    stack
+        .until(900, "the population", |list| list.len() as u64 >= agents)
+        .await;
+    eprintln!(
+        "economy loop: {agents} agents after {:.1} s; measuring {ticks} ticks",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The ticks, from their events; executions finished meanwhile, from theirs.
+    let mut events = stack
+        .nats_client
+        .subscribe("events.orchestrator.>")
+        .await
+        .unwrap();
+    let mut durations = Histogram::<u64>::new(3).unwrap();
+    let mut finished = 0u64;
+    let mut first_tick: Option<Instant> = None;
+    let mut seen = 0;
+    let mut overran = 0;
+    while seen <= ticks {
+        let message = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("a tick within two minutes")
+            .unwrap();
+        let envelope = pb::EventEnvelope::decode(message.payload.as_ref()).unwrap();
+        if message.subject.as_str() == orchestrator_events::TICK_COMPLETED {
+            let t: pb::TickCompleted = syntropism_contracts::events::open(&envelope).unwrap();
+            // The first tick seen starts the clock; the next `ticks` are measured.
+            if first_tick.is_some() {
+                durations.record(t.duration_ms.max(1)).unwrap();
+                overran += u64::from(t.overran);
+            } else {
+                finished = 0;
+            }
+            first_tick.get_or_insert_with(Instant::now);
+            seen += 1;
+        } else if message.subject.as_str() == orchestrator_events::EXECUTION_FINISHED
+            && first_tick.is_some()
+        {
+            finished += 1;
+        }
+    }
+    let elapsed = first_tick.unwrap().elapsed();
+    let loop_rate = finished as f64 / elapsed.as_secs_f64() * 60.0;
+    let status = stack.status().await;
+    stack.stop().await;
+
+    // The same number of bare containers, `parallel` at a time.
+    let image = common::IMAGE;
+    let bare = finished.max(1) as usize;
+    let begun = Instant::now();
+    futures::stream::iter(0..bare)
+        .map(|_| async move {
+            let out = tokio::process::Command::new("docker")
+                .args([
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    "--cpus",
+                    "0.1",
+                    "--memory",
+                    "64m",
+                    image,
+                    "/opt/syntropism/bin/python",
+                    "-c",
+                    "import syntropism.agent",
+                ])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+        .buffer_unordered(parallel)
+        .collect::<Vec<_>>()
+        .await;
+    let bare_elapsed = begun.elapsed();
+    let bare_rate = bare as f64 / bare_elapsed.as_secs_f64() * 60.0;
+
+    println!();
+    println!("Economy loop: {agents} agents, {ticks} ticks of {tick_ms} ms");
+    println!();
+    println!("| measure                                  |      value |");
+    println!("|------------------------------------------|-----------:|");
+    println!(
+        "| tick duration p50 (ms)                   | {:>10} |",
+        durations.value_at_quantile(0.5)
+    );
+    println!(
+        "| tick duration p99 (ms)                   | {:>10} |",
+        durations.value_at_quantile(0.99)
+    );
+    println!(
+        "| ticks that overran their period          | {:>10} |",
+        overran
+    );
+    println!(
+        "| executions finished during the ticks     | {:>10} |",
+        finished
+    );
+    println!(
+        "| economy: executions per minute           | {:>10.1} |",
+        loop_rate
+    );
+    println!(
+        "| bare docker run --rm: {bare:>4} containers     | {:>8.1} s |",
+        bare_elapsed.as_secs_f64()
+    );
+    println!(
+        "| bare docker run: containers per minute   | {:>10.1} |",
+        bare_rate
+    );
+    println!();
+    println!(
+        "economy rate / bare rate = {:.2} (target ≥ 0.80); ledger audit {} ({} executions in all)",
+        loop_rate / bare_rate,
+        if status.audit_ok { "clean" } else { "VIOLATED" },
+        status.executions_total
+    );
+}
