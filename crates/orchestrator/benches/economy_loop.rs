@@ -1,13 +1,15 @@
 //! `just bench-economy-loop`: the whole economy under load, beside bare `docker run --rm`.
 //!
-//! Genesis spawns `BENCH_AGENTS - 1` children in its first window; every agent runs the same
+//! Genesis spawns `BENCH_AGENTS - 1` children in its first windows; every agent runs the same
 //! trivial program (connect with its execution's credentials, bid for its next window, exit).
 //! Once all of them live, the benchmark measures `BENCH_TICKS` ticks (default 20): each tick's
 //! duration (the leader's work: clearing, creating and dispatching executions, settling every
-//! agent) from the `tick_completed` events, and the executions finished per minute. Then, in
-//! the same run, it starts the same number of containers with bare `docker run --rm` of the
-//! same image (at `BENCH_BARE_PARALLEL` at a time, default 8) and prints the ratio of the two
-//! rates. Every service is real: NATS in operator mode, Postgres, Docker.
+//! agent) from the `tick_completed` events, and the executions finished per minute. The market
+//! sells the machine's capacity (`BENCH_CPU`, default 2000 millicores) each round in windows of
+//! 250 millicores, so 8 windows run at once. Then, in the same run, it starts the same number
+//! of containers with bare `docker run --rm` of the same image and cpu limit (8 at a time,
+//! `BENCH_BARE_PARALLEL`) and prints the ratio of the two rates. Every service is real: NATS in
+//! operator mode, Postgres, Docker.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
@@ -35,21 +37,28 @@ fn program(agents: u64) -> String {
 import asyncio
 from syntropism.agent import Agent
 
-BUNDLE = {{"cpu_millicores": 100, "memory_mib": 64, "duration_ms": 10000}}
+BUNDLE = {{"cpu_millicores": 250, "memory_mib": 64, "duration_ms": 10000}}
 
 async def main():
-    agent = await Agent.connect(timeout=20)
+    agent = await Agent.connect(timeout=30)
     me = await agent.whoami()
-    if not me.agent.lineage and me.agent.execution_count == 1:
-        async def one(i):
-            await agent.spawn(f"bench-{{i}}", 50_000_000, BUNDLE, 50_000, {{}})
-        for start in range(0, {children}, 20):
-            await asyncio.gather(*(one(i) for i in range(start, min(start + 20, {children}))))
+    if not me.agent.lineage:
+        # Genesis: spawn the population (idempotent per child, so a later window finishes it).
+        living = len(await agent.directory())
+        if living < {agents}:
+            async def one(i):
+                try:
+                    await agent.spawn(f"bench-{{i}}", 50_000_000, BUNDLE, 50_000, {{}})
+                except Exception as error:
+                    print("spawn", i, error)
+            for start in range(0, {children}, 10):
+                await asyncio.gather(*(one(i) for i in range(start, min(start + 10, {children}))))
     await agent.place_bid(f"next-{{agent.env.execution_id}}", BUNDLE, 50_000)
     await agent.close()
 
 asyncio.run(main())
 "#,
+        agents = agents,
         children = agents - 1
     )
 }
@@ -60,8 +69,10 @@ async fn main() {
     let ticks = env_or("BENCH_TICKS", 20);
     let parallel = env_or("BENCH_BARE_PARALLEL", 8) as usize;
     let tick_ms = env_or("BENCH_TICK_MS", 2000);
-    let cpu = (agents * 100).to_string();
-    let memory = (agents * 64 + 1024).to_string();
+    // The machine's capacity, sold every round: `BENCH_CPU` millicores (default 2000, two
+    // cores) in windows of 250 — 8 at a time, as many as the bare run starts at once.
+    let cpu = env_or("BENCH_CPU", 2000).to_string();
+    let memory = "4096".to_owned();
     let mut stack = common::Stack::start_with(
         &program(agents),
         &[
@@ -149,7 +160,7 @@ async fn main() {
                     "--network",
                     "none",
                     "--cpus",
-                    "0.1",
+                    "0.25",
                     "--memory",
                     "64m",
                     image,

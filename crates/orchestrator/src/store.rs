@@ -581,13 +581,13 @@ impl Store {
     // ---- Executions ----
 
     /// Creates the executions of a round's allocations, each with a new id (those that exist
-    /// already, from an earlier attempt of the round, are kept with theirs),
-    /// charging each agent's record with what it paid. Returns the round's executions.
+    /// already, from an earlier attempt of the round, are kept with theirs), charging each
+    /// payer's record with what it paid.
     pub async fn create_executions(
         &self,
         round: u64,
         allocations: &[pb::Allocation],
-    ) -> Result<Vec<StoredExecution>, RpcError> {
+    ) -> Result<(), RpcError> {
         let mut conn = self.connection().await?;
         conn.transaction::<(), diesel::result::Error, _>(async |conn| {
             for a in allocations {
@@ -629,15 +629,7 @@ impl Store {
             Ok(())
         })
         .await
-        .map_err(db_error)?;
-        let rows: Vec<ExecutionRow> = sql(format!(
-            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE round = $1 ORDER BY bid_id"
-        ))
-        .bind::<BigInt, _>(round as i64)
-        .load(&mut conn)
-        .await
-        .map_err(db_error)?;
-        Ok(rows.into_iter().map(StoredExecution::from).collect())
+        .map_err(db_error)
     }
 
     /// Records the request sent to a runner (the first one stands) and opens the window.

@@ -115,14 +115,13 @@ impl Orchestrator {
         let cleared = self
             .call::<scheduler::Clear>(&pb::ClearRequest { round: tick })
             .await?;
-        let executions = self
-            .store
+        self.store
             .create_executions(tick, &cleared.allocations)
             .await?;
-        for execution in executions {
-            if execution.execution.status() != pb::ExecutionStatus::Finished {
-                self.carry(execution);
-            }
+        // This round's windows, and any earlier one a failure left open (each is carried by one
+        // task at a time).
+        for execution in self.store.open_executions().await? {
+            self.carry(execution);
         }
         self.resume_spawns().await;
         self.settle_all().await;

@@ -6,6 +6,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use common::Stack;
 use syntropism_contracts::pb;
 use syntropism_contracts::subjects::orchestrator_events;
@@ -48,6 +50,27 @@ fn notes(path: &std::path::Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn genesis_lives_its_windows_then_dies_broke() {
     let mut stack = Stack::start(MORTAL).await;
+    // The ledger audited after every tick, while the economy runs.
+    let mut ticks = stack
+        .nats_client
+        .subscribe(orchestrator_events::TICK_COMPLETED)
+        .await
+        .unwrap();
+    let auditor = stack.client.clone();
+    let audits = tokio::spawn(async move {
+        let mut results = Vec::new();
+        while let Some(_tick) = ticks.next().await {
+            let audit = auditor
+                .call::<syntropism_contracts::economy::admin::Audit>(&pb::AuditRequest {})
+                .await
+                .unwrap();
+            results.push((audit.ok, audit.sum_micros, audit.violations));
+            if results.len() >= 8 {
+                break;
+            }
+        }
+        results
+    });
     stack
         .orchestrator(
             "solo",
@@ -103,6 +126,11 @@ async fn genesis_lives_its_windows_then_dies_broke() {
     assert!(audit.ok, "{audit:?}");
     assert_eq!(audit.sum_micros, 0);
     assert_eq!(audit.minted_micros, 5 * CREDIT);
+    let audits = audits.await.unwrap();
+    assert!(audits.len() >= 5, "{audits:?}");
+    for audit in audits {
+        assert_eq!(audit, (true, 0, vec![]), "the ledger after a tick");
+    }
     // It never runs again.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(stack.detail(&genesis.agent_id).await.executions.len(), 4);
