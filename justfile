@@ -28,9 +28,17 @@ services-status:
 build:
     cargo build --workspace --release --locked
 
+# The living economy: every service, genesis, one progress line per tick, until Ctrl-C.
+demo:
+    scripts/demo.sh
+
 # Run the system (all services; or name some: `just run economy`) in the foreground.
 run *services:
     scripts/run.sh {{services}}
+
+# The operator CLI against the local system (e.g. `just cli prompts`).
+cli *args:
+    cargo run --release --locked -q --bin syntropism -- --creds .run/nats-identity/cli.creds {{args}}
 
 # Run the economy service alone.
 run-economy:
@@ -63,7 +71,7 @@ bench-economy seconds="10":
     BENCH_SECONDS={{seconds}} cargo bench -p syntropism-economy --bench economy_load --locked
 
 # Every benchmark.
-bench: bench-economy bench-clearing bench-sandbox
+bench: bench-economy bench-clearing bench-sandbox bench-economy-loop
 
 # A psql shell on the project's database as the superuser.
 psql *args:
@@ -100,6 +108,25 @@ bench-sandbox runs="50":
     deploy/agent-runtime/build.sh
     BENCH_RUNS={{runs}} cargo bench -p syntropism-sandbox-runner --bench sandbox --locked
 
+# The economy loop under load: BENCH_AGENTS (default 200) agents for 20 ticks, tick duration
+# p50/p99 and executions per minute beside bare `docker run --rm` of the same count.
+bench-economy-loop agents="200" ticks="20":
+    scripts/setup.sh
+    deploy/agent-runtime/build.sh
+    BENCH_AGENTS={{agents}} BENCH_TICKS={{ticks}} cargo bench -p syntropism-orchestrator --bench economy_loop --locked
+
 # Run the sandbox runner alone.
 run-sandbox-runner:
     scripts/run.sh sandbox-runner
+
+# Run the orchestrator alone.
+run-orchestrator:
+    scripts/run.sh orchestrator
+
+# Run the attention service alone.
+run-attention:
+    scripts/run.sh attention
+
+# Run the social service alone.
+run-social:
+    scripts/run.sh social

@@ -7,11 +7,13 @@
 # this script only fills in the local URLs where they are not already set.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_SERVICES=(economy market scheduler sandbox-runner)
+ALL_SERVICES=(economy market scheduler sandbox-runner attention social orchestrator)
 # Health/metrics ports, one per service (see README).
-declare -A HTTP_PORTS=([economy]=9101 [market]=9102 [scheduler]=9103 [sandbox-runner]=9104)
+declare -A HTTP_PORTS=([economy]=9101 [market]=9102 [scheduler]=9103 [sandbox-runner]=9104
+    [orchestrator]=9105 [attention]=9106 [social]=9107)
 # Each service's Postgres role, schema and NATS identity.
-declare -A ROLES=([economy]=economy [market]=market [scheduler]=scheduler [sandbox-runner]=sandbox)
+declare -A ROLES=([economy]=economy [market]=market [scheduler]=scheduler [sandbox-runner]=sandbox
+    [orchestrator]=orchestrator [attention]=attention [social]=social)
 
 services=("$@")
 [[ ${#services[@]} -gt 0 ]] || services=("${ALL_SERVICES[@]}")
@@ -46,7 +48,13 @@ stop_all() {
 }
 trap stop_all INT TERM
 
+# Runners and the orchestrator share the agents' workspaces; the orchestrator signs executions'
+# credentials with the development keys and starts genesis from workspaces/genesis.
 export SYNTROPISM__SANDBOX__WORKSPACE_ROOT="${SYNTROPISM__SANDBOX__WORKSPACE_ROOT:-$STATE_DIR/workspaces}"
+export SYNTROPISM__ORCHESTRATOR__WORKSPACE_ROOT="${SYNTROPISM__ORCHESTRATOR__WORKSPACE_ROOT:-$SYNTROPISM__SANDBOX__WORKSPACE_ROOT}"
+export SYNTROPISM__ORCHESTRATOR__ARCHIVE_ROOT="${SYNTROPISM__ORCHESTRATOR__ARCHIVE_ROOT:-$STATE_DIR/archive}"
+export SYNTROPISM__ORCHESTRATOR__IDENTITY_DIR="${SYNTROPISM__ORCHESTRATOR__IDENTITY_DIR:-$STATE_DIR/nats-identity}"
+export SYNTROPISM__ORCHESTRATOR__GENESIS_DIR="${SYNTROPISM__ORCHESTRATOR__GENESIS_DIR:-$SYNTROPISM_ROOT/workspaces/genesis}"
 
 for service in "${services[@]}"; do
     role="${ROLES[$service]}"

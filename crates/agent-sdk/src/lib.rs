@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use syntropism_contracts::attention::agent as attention;
 use syntropism_contracts::economy::agent as economy;
 use syntropism_contracts::market::agent as market;
 use syntropism_contracts::orchestrator::agent as orchestrator;
 use syntropism_contracts::scheduler::agent as scheduler;
+use syntropism_contracts::social::agent as social;
 use syntropism_contracts::{AgentId, RpcClient, RpcError, pb};
 
 /// Where the runtime puts `env.json`, unless `SYNTROPISM_ENV` says otherwise.
@@ -303,6 +305,88 @@ impl Agent {
         Ok(self
             .rpc
             .call_as::<orchestrator::Spawn>(&self.id, request)
+            .await?)
+    }
+
+    // ---- attention ----
+
+    /// Shows the human `content` (only in a window whose bundle carries attention slots, at
+    /// most that many per window). Retrying with the same idempotency id is safe.
+    pub async fn prompt(
+        &self,
+        idempotency_id: &str,
+        content: &str,
+    ) -> Result<pb::SubmitPromptResponse, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<attention::SubmitPrompt>(
+                &self.id,
+                &pb::SubmitPromptRequest {
+                    idempotency_id: idempotency_id.into(),
+                    content: content.into(),
+                },
+            )
+            .await?)
+    }
+
+    // ---- social ----
+
+    /// Sends `body` to agent `to` (or to `"human"`), delivered at its next window; the fee is
+    /// burned. Retrying with the same idempotency id is safe (and charges once).
+    pub async fn send_message(
+        &self,
+        idempotency_id: &str,
+        to: &str,
+        body: &str,
+    ) -> Result<pb::SendMessageResponse, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<social::SendMessage>(
+                &self.id,
+                &pb::SendMessageRequest {
+                    idempotency_id: idempotency_id.into(),
+                    to: to.into(),
+                    body: body.into(),
+                },
+            )
+            .await?)
+    }
+
+    /// The messages delivered at this window: sent since the previous window opened.
+    pub async fn inbox(&self) -> Result<Vec<pb::DirectMessage>, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<social::ReadInbox>(&self.id, &pb::ReadInboxRequest {})
+            .await?
+            .messages)
+    }
+
+    /// Posts `body` on the public board. Retrying with the same idempotency id is safe.
+    pub async fn post(&self, idempotency_id: &str, body: &str) -> Result<pb::BoardPost, SdkError> {
+        let reply = self
+            .rpc
+            .call_as::<social::Post>(
+                &self.id,
+                &pb::PostRequest {
+                    idempotency_id: idempotency_id.into(),
+                    body: body.into(),
+                },
+            )
+            .await?;
+        reply
+            .post
+            .ok_or_else(|| SdkError::Rpc(RpcError::internal("the board sent no post")))
+    }
+
+    /// The public board, newest first: `limit` posts before post `before_id` (0: newest).
+    pub async fn board(
+        &self,
+        before_id: i64,
+        limit: u32,
+    ) -> Result<pb::ReadBoardResponse, SdkError> {
+        Ok(self
+            .rpc
+            .call_as::<social::ReadBoard>(&self.id, &pb::ReadBoardRequest { before_id, limit })
             .await?)
     }
 }

@@ -189,3 +189,36 @@ class Agent:
         for name, contents in (files or {}).items():
             request.files[name] = contents.encode() if isinstance(contents, str) else contents
         return await self._call("orchestrator", "spawn", request, pb.SpawnResponse)
+
+    # ---- attention ----
+
+    async def prompt(self, idempotency_id, content):
+        """Shows the human ``content`` (only in a window whose bundle carries attention slots,
+        at most that many per window). Returns ``prompt`` and ``slots_left``; retrying with the
+        same id is safe."""
+        return await self._call("attention", "prompt", pb.SubmitPromptRequest(
+            idempotency_id=idempotency_id, content=content), pb.SubmitPromptResponse)
+
+    # ---- social ----
+
+    async def send_message(self, idempotency_id, to, body):
+        """Sends ``body`` to agent ``to`` (or to ``"human"``), delivered at its next window; the
+        fee is burned. Returns ``message`` and ``fee_micros``; retrying with the same id is
+        safe (and charges once)."""
+        return await self._call("social", "send", pb.SendMessageRequest(
+            idempotency_id=idempotency_id, to=str(to), body=body), pb.SendMessageResponse)
+
+    async def inbox(self):
+        """The messages delivered at this window: sent since the previous window opened."""
+        return (await self._call("social", "inbox", pb.ReadInboxRequest(),
+                                 pb.ReadInboxResponse)).messages
+
+    async def post(self, idempotency_id, body):
+        """Posts ``body`` on the public board; retrying with the same id is safe."""
+        return (await self._call("social", "post", pb.PostRequest(
+            idempotency_id=idempotency_id, body=body), pb.PostResponse)).post
+
+    async def board(self, before_id=0, limit=0):
+        """The public board, newest first: ``posts`` and ``next_before_id`` (0: no more)."""
+        return await self._call("social", "board", pb.ReadBoardRequest(
+            before_id=before_id, limit=limit), pb.ReadBoardResponse)

@@ -1,7 +1,7 @@
 //! The whole system as the orchestrator meets it: NATS in operator mode, Postgres, the economy,
-//! market, scheduler and a sandbox runner in this process, and orchestrator replicas in this
-//! process or as their own processes (so a test can kill one).
-#![allow(dead_code, unreachable_pub)]
+//! market, scheduler, a sandbox runner, attention and social in this process, and orchestrator
+//! replicas in this process or as their own processes (so a test can kill one).
+#![allow(unused, unreachable_pub)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +15,16 @@ use syntropism_test_support::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 pub const IMAGE: &str = "syntropism/agent-runtime:latest";
+
+/// The services a stack runs besides the orchestrator, in start order.
+pub const SERVICES: [&str; 6] = [
+    "economy",
+    "market",
+    "scheduler",
+    "sandbox-runner",
+    "attention",
+    "social",
+];
 
 pub fn image_present() {
     let ok = std::process::Command::new("docker")
@@ -42,7 +52,7 @@ pub struct Stack {
     /// Settings every service is given on top of its own.
     pub extra: Vec<(String, String)>,
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    services: Vec<(String, CancellationToken, tokio::task::JoinHandle<()>)>,
     orchestrators: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
@@ -98,78 +108,110 @@ impl Stack {
             pg,
             dir,
             stop: CancellationToken::new(),
-            tasks: Vec::new(),
+            services: Vec::new(),
             orchestrators: Vec::new(),
             extra: extra
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         };
-        let economy: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
-            syntropism_economy::config::SECTION,
-            syntropism_economy::config::DEFAULTS,
-            None,
-            stack.vars("economy"),
-        )
-        .unwrap();
-        let service = syntropism_economy::start(&economy, stack.stop.clone())
-            .await
-            .unwrap();
-        stack.tasks.push(tokio::spawn(service.run()));
-        let market: syntropism_market::MarketConfig = syntropism_platform::config::load_from(
-            syntropism_market::config::SECTION,
-            syntropism_market::config::DEFAULTS,
-            None,
-            stack.vars("market"),
-        )
-        .unwrap();
-        let service = syntropism_market::start(&market, stack.stop.clone())
-            .await
-            .unwrap();
-        stack.tasks.push(tokio::spawn(service.run()));
-        let scheduler: syntropism_scheduler::SchedulerConfig =
-            syntropism_platform::config::load_from(
-                syntropism_scheduler::config::SECTION,
-                syntropism_scheduler::config::DEFAULTS,
-                None,
-                stack.vars("scheduler"),
-            )
-            .unwrap();
-        let service = syntropism_scheduler::start(&scheduler, stack.stop.clone())
-            .await
-            .unwrap();
-        stack.tasks.push(tokio::spawn(service.run()));
-        let mut runner_vars = stack.vars("sandbox");
-        runner_vars.extend([
-            (
-                "SYNTROPISM__SANDBOX__RUNNER_ID".to_owned(),
-                stack.runner_id.clone(),
-            ),
-            (
-                "SYNTROPISM__SANDBOX__WORKSPACE_ROOT".into(),
-                stack.workspaces.display().to_string(),
-            ),
-            (
-                "SYNTROPISM__SANDBOX__RUN_DIR".into(),
-                stack.dir.path().join("runs").display().to_string(),
-            ),
-            ("SYNTROPISM__SANDBOX__CPU_MILLICORES".into(), "4000".into()),
-            ("SYNTROPISM__SANDBOX__MEMORY_MIB".into(), "8192".into()),
-        ]);
-        runner_vars.extend(stack.extra.iter().cloned());
-        let runner: syntropism_sandbox_runner::RunnerConfig =
-            syntropism_platform::config::load_from(
-                syntropism_sandbox_runner::config::SECTION,
-                syntropism_sandbox_runner::config::DEFAULTS,
-                None,
-                runner_vars,
-            )
-            .unwrap();
-        let service = syntropism_sandbox_runner::start(&runner, stack.stop.clone())
-            .await
-            .unwrap();
-        stack.tasks.push(tokio::spawn(service.run()));
+        for name in SERVICES {
+            stack.start_service(name).await;
+        }
         stack
+    }
+
+    /// Starts service `name` (one of [`SERVICES`]) in this process, with a stop token of its own.
+    pub async fn start_service(&mut self, name: &str) {
+        fn load<S>(
+            section: &str,
+            defaults: &[(&str, &str)],
+            vars: Vec<(String, String)>,
+        ) -> syntropism_platform::config::ServiceConfig<S>
+        where
+            S: serde::de::DeserializeOwned + Default + syntropism_platform::Validate,
+        {
+            syntropism_platform::config::load_from(section, defaults, None, vars).unwrap()
+        }
+        let stop = self.stop.child_token();
+        let mut vars = self.vars(if name == "sandbox-runner" {
+            "sandbox"
+        } else {
+            name
+        });
+        let service = match name {
+            "economy" => {
+                use syntropism_economy::config::{DEFAULTS, SECTION};
+                syntropism_economy::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            "market" => {
+                use syntropism_market::config::{DEFAULTS, SECTION};
+                syntropism_market::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            "scheduler" => {
+                use syntropism_scheduler::config::{DEFAULTS, SECTION};
+                syntropism_scheduler::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            "sandbox-runner" => {
+                use syntropism_sandbox_runner::config::{DEFAULTS, SECTION};
+                vars.extend([
+                    (
+                        "SYNTROPISM__SANDBOX__RUNNER_ID".to_owned(),
+                        self.runner_id.clone(),
+                    ),
+                    (
+                        "SYNTROPISM__SANDBOX__WORKSPACE_ROOT".into(),
+                        self.workspaces.display().to_string(),
+                    ),
+                    (
+                        "SYNTROPISM__SANDBOX__RUN_DIR".into(),
+                        self.dir.path().join("runs").display().to_string(),
+                    ),
+                    ("SYNTROPISM__SANDBOX__CPU_MILLICORES".into(), "4000".into()),
+                    ("SYNTROPISM__SANDBOX__MEMORY_MIB".into(), "8192".into()),
+                ]);
+                vars.extend(self.extra.iter().cloned());
+                syntropism_sandbox_runner::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            // Attention and social sweep often, so expiry shows within a test's patience;
+            // `extra` still has the last word.
+            "attention" => {
+                use syntropism_attention::config::{DEFAULTS, SECTION};
+                vars.push((
+                    "SYNTROPISM__ATTENTION__SWEEP_INTERVAL_MS".into(),
+                    "200".into(),
+                ));
+                vars.extend(self.extra.iter().cloned());
+                syntropism_attention::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            "social" => {
+                use syntropism_social::config::{DEFAULTS, SECTION};
+                vars.push(("SYNTROPISM__SOCIAL__SWEEP_INTERVAL_MS".into(), "200".into()));
+                vars.extend(self.extra.iter().cloned());
+                syntropism_social::start(&load(SECTION, DEFAULTS, vars), stop.clone()).await
+            }
+            other => panic!("no service {other:?}"),
+        }
+        .unwrap();
+        self.services
+            .push((name.to_owned(), stop, tokio::spawn(service.run())));
+    }
+
+    /// Stops service `name` (it finishes what it is doing, as on SIGTERM) and waits for it.
+    pub async fn kill(&mut self, name: &str) {
+        let at = self
+            .services
+            .iter()
+            .position(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let (_, stop, task) = self.services.remove(at);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// Starts service `name` again after [`Stack::kill`].
+    pub async fn restart(&mut self, name: &str) {
+        self.start_service(name).await;
     }
 
     /// The environment a service `role` is configured with.
@@ -378,7 +420,7 @@ impl Stack {
         for (_, task) in std::mem::take(&mut self.orchestrators) {
             task.await.unwrap();
         }
-        for task in std::mem::take(&mut self.tasks) {
+        for (_, _, task) in std::mem::take(&mut self.services) {
             task.await.unwrap();
         }
     }

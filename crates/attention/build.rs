@@ -1,0 +1,4 @@
+//! `embed_migrations!` reads the migrations at compile time; rebuild when one is added or edited.
+fn main() {
+    println!("cargo:rerun-if-changed=../../migrations/attention");
+}
