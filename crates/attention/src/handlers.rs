@@ -27,8 +27,6 @@ use crate::config::AttentionSection;
 use crate::rules::{self, RewardStep, Scores, Status};
 use crate::store::{Change, Insert, Store, StoredPrompt};
 
-/// Attempts of a call to another service before its failure is returned.
-const ATTEMPTS: u32 = 5;
 /// A reply must fit a NATS message; pages are cut to this many bytes.
 const REPLY_BUDGET: usize = 512 * 1024;
 
@@ -39,25 +37,6 @@ pub struct Attention {
     client: RpcClient,
     config: AttentionSection,
     outbox: Arc<Notify>,
-}
-
-/// A call to another service, retried on retryable failures (every mutation carries an
-/// idempotency id, so a retry is safe).
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, RpcError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RpcError>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-            }
-            result => return result,
-        }
-    }
 }
 
 /// Now, to the microsecond Postgres keeps, so what a handler answers equals what it stored.
@@ -132,7 +111,10 @@ impl Attention {
         let ask = pb::WindowRequest {
             agent_id: agent.to_string(),
         };
-        let window = retrying(|| self.client.call::<orchestrator::Window>(&ask)).await?;
+        let window = self
+            .client
+            .call_retrying::<orchestrator::Window>(&ask)
+            .await?;
         let execution = window.execution.ok_or_else(|| {
             RpcError::failed_precondition(
                 "no window of yours is open: prompts are shown only during one",
@@ -306,7 +288,7 @@ impl Attention {
                 memo: format!("reward for prompt {id}"),
             }),
         };
-        match retrying(|| self.client.call::<economy::Mint>(&mint)).await {
+        match self.client.call_retrying::<economy::Mint>(&mint).await {
             Ok(_) => {
                 let now = now();
                 let done = self

@@ -141,6 +141,28 @@ impl RequestContext {
 // ---------------------------------------------------------------------------------------------
 // Client
 
+/// How many times [`RpcClient::call_retrying`] sends a request.
+pub const RETRY_ATTEMPTS: u32 = 5;
+
+/// Runs `call` until it succeeds, fails for good, or has been tried [`RETRY_ATTEMPTS`] times,
+/// waiting 100 ms more after each retryable failure.
+pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, RpcError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RpcError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Typed calls over a NATS connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RpcClient {
@@ -186,6 +208,26 @@ impl RpcClient {
     pub async fn call<M: Method>(&self, request: &M::Request) -> Result<M::Response, RpcError> {
         let subject = M::ENDPOINT.subject(None)?;
         self.call_on::<M>(subject, request).await
+    }
+
+    /// [`RpcClient::call`], sent again on retryable failures (up to [`RETRY_ATTEMPTS`] times,
+    /// backing off). Only for requests that are safe to repeat: reads, and mutations that carry
+    /// an idempotency id.
+    pub async fn call_retrying<M: Method>(
+        &self,
+        request: &M::Request,
+    ) -> Result<M::Response, RpcError> {
+        retrying(|| self.call::<M>(request)).await
+    }
+
+    /// [`RpcClient::call_as`], sent again on retryable failures like
+    /// [`RpcClient::call_retrying`].
+    pub async fn call_as_retrying<M: Method>(
+        &self,
+        agent: &AgentId,
+        request: &M::Request,
+    ) -> Result<M::Response, RpcError> {
+        retrying(|| self.call_as::<M>(agent, request)).await
     }
 
     /// Calls an agent-facing method as `agent`.

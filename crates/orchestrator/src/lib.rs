@@ -19,7 +19,6 @@ pub mod workspace;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
@@ -36,9 +35,6 @@ use config::OrchestratorSection;
 
 /// `migrations/orchestrator/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/orchestrator");
-
-/// Attempts of a call to another service before its failure is returned.
-const ATTEMPTS: u32 = 5;
 
 /// One orchestrator replica.
 pub struct Orchestrator {
@@ -66,7 +62,7 @@ impl Orchestrator {
     /// A call to another service, retried on retryable failures (every mutation it makes
     /// carries an idempotency id, so a retry is safe).
     async fn call<M: Method>(&self, request: &M::Request) -> Result<M::Response, RpcError> {
-        retrying(|| self.client.call::<M>(request)).await
+        self.client.call_retrying::<M>(request).await
     }
 
     /// An agent-facing call made on an agent's behalf (the orchestrator's credentials may).
@@ -75,28 +71,11 @@ impl Orchestrator {
         agent: &syntropism_contracts::AgentId,
         request: &M::Request,
     ) -> Result<M::Response, RpcError> {
-        retrying(|| self.client.call_as::<M>(agent, request)).await
+        self.client.call_as_retrying::<M>(agent, request).await
     }
 
     pub fn replica(&self) -> &str {
         &self.replica
-    }
-}
-
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, RpcError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RpcError>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-            }
-            result => return result,
-        }
     }
 }
 

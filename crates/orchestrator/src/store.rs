@@ -757,11 +757,10 @@ impl Store {
         match rows.next() {
             Some(latest)
                 if latest.execution.status() == pb::ExecutionStatus::Running
-                    && latest
-                        .execution
-                        .deadline
-                        .as_ref()
-                        .is_some_and(|d| d.seconds >= now.timestamp()) =>
+                    && latest.execution.deadline.as_ref().is_some_and(|d| {
+                        (d.seconds, d.nanos)
+                            > (now.timestamp(), now.timestamp_subsec_nanos() as i32)
+                    }) =>
             {
                 Ok((
                     Some(latest.execution),

@@ -27,8 +27,6 @@ use crate::config::SocialSection;
 use crate::rules::{self, Recipient};
 use crate::store::{NewMessage, NewPost, State, Store, StoredMessage, StoredPost};
 
-/// Attempts of a call to another service before its failure is returned.
-const ATTEMPTS: u32 = 5;
 /// A reply must fit a NATS message; pages are cut to this many bytes.
 const REPLY_BUDGET: usize = 512 * 1024;
 
@@ -39,25 +37,6 @@ pub struct Social {
     client: RpcClient,
     config: SocialSection,
     outbox: Arc<Notify>,
-}
-
-/// A call to another service, retried on retryable failures (every mutation carries an
-/// idempotency id, so a retry is safe).
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, RpcError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RpcError>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-            }
-            result => return result,
-        }
-    }
 }
 
 /// Now, to the microsecond Postgres keeps, so what a handler answers equals what it stored.
@@ -152,7 +131,9 @@ impl Social {
         let ask = pb::WindowRequest {
             agent_id: agent.to_string(),
         };
-        retrying(|| self.client.call::<orchestrator::Window>(&ask)).await
+        self.client
+            .call_retrying::<orchestrator::Window>(&ask)
+            .await
     }
 
     /// The caller's open window, or why it has none.
@@ -172,7 +153,11 @@ impl Social {
         let ask = pb::GetAgentRequest {
             agent_id: id.to_string(),
         };
-        let agent = match retrying(|| self.client.call::<orchestrator::GetAgent>(&ask)).await {
+        let agent = match self
+            .client
+            .call_retrying::<orchestrator::GetAgent>(&ask)
+            .await
+        {
             Ok(reply) => reply.agent.unwrap_or_default(),
             Err(error) if error.code == ErrorCode::NotFound => {
                 return Err(RpcError::not_found(format!("no agent {id}"))
@@ -208,7 +193,8 @@ impl Social {
                 memo,
             }),
         };
-        retrying(|| self.client.call::<economy::Transfer>(&request))
+        self.client
+            .call_retrying::<economy::Transfer>(&request)
             .await
             .map(|_| ())
     }
