@@ -15,13 +15,17 @@ target_dir="${CARGO_TARGET_DIR:-$SYNTROPISM_ROOT/target}"
 export SYNTROPISM_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export SYNTROPISM_CREDS="$STATE_DIR/nats-identity/cli.creds"
 
-"$SYNTROPISM_ROOT/scripts/run.sh" &
+# The services' own logs go to a file; this terminal shows the ticks.
+ensure_state_dir
+services_log="$STATE_DIR/log/services.log"
+info "starting every service (their logs: $services_log)"
+"$SYNTROPISM_ROOT/scripts/run.sh" >>"$services_log" 2>&1 &
 run_pid=$!
 watch_pid=""
 stop() {
     trap - INT TERM
     [[ -z "$watch_pid" ]] || kill -TERM "$watch_pid" 2>/dev/null || true
-    kill -INT "$run_pid" 2>/dev/null || true
+    kill -TERM "$run_pid" 2>/dev/null || true
     wait "$run_pid" 2>/dev/null || true
     info "stopped"
 }
@@ -29,7 +33,7 @@ trap stop INT TERM
 
 # Wait for the orchestrator (the last to start) to answer, then follow the ticks.
 for _ in $(seq 1 600); do
-    kill -0 "$run_pid" 2>/dev/null || die "the services did not start (see above)"
+    kill -0 "$run_pid" 2>/dev/null || die "the services did not start (see $services_log)"
     if "$target_dir/release/syntropism" --timeout 2 status >/dev/null 2>&1; then
         break
     fi

@@ -8,8 +8,10 @@
 //!   outcomes → life and death) and genesis.
 //! - [`spawn`]: a child born from its parent's credits, all or nothing.
 //! - [`handlers`]: the NATS methods (agent-facing, internal, operator).
+//! - `earnings`: rewards (attention's events) added to the registry's totals.
 
 pub mod config;
+mod earnings;
 pub mod handlers;
 pub mod life;
 pub mod spawn;
@@ -130,6 +132,7 @@ pub async fn start(
     });
     handlers::register(&mut service.rpc, orchestrator.clone()).await?;
     tokio::spawn(orchestrator.clone().lead());
+    tokio::spawn(orchestrator.clone().follow_earnings(service.nats.clone()));
     tracing::info!(replica = %orchestrator.replica, "orchestrator ready");
     Ok(service)
 }

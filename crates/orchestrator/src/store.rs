@@ -578,6 +578,37 @@ impl Store {
         .map_err(db_error)
     }
 
+    /// Adds `amount` to an agent's earnings once per `source` (e.g. a rewarded prompt).
+    pub async fn record_earning(
+        &self,
+        source: &str,
+        agent: AgentId,
+        amount: i64,
+    ) -> Result<(), RpcError> {
+        let mut conn = self.connection().await?;
+        conn.transaction::<(), diesel::result::Error, _>(async |conn| {
+            let n = sql(
+                "INSERT INTO earnings (source, agent_id, amount) VALUES ($1, $2, $3) \
+                 ON CONFLICT (source) DO NOTHING",
+            )
+            .bind::<Text, _>(source.to_owned())
+            .bind::<diesel::sql_types::Uuid, _>(agent.as_uuid())
+            .bind::<BigInt, _>(amount)
+            .execute(conn)
+            .await?;
+            if n == 1 {
+                sql("UPDATE agents SET earned_micros = earned_micros + $2 WHERE agent_id = $1")
+                    .bind::<diesel::sql_types::Uuid, _>(agent.as_uuid())
+                    .bind::<BigInt, _>(amount)
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(db_error)
+    }
+
     // ---- Executions ----
 
     /// Creates the executions of a round's allocations, each with a new id (those that exist

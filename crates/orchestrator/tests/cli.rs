@@ -125,6 +125,12 @@ async fn the_operator_sees_the_economy_and_rewards_through_the_cli() {
     assert_eq!(rewarded["reward_micros"], reward, "{rewarded}");
     let after = stack.account(&genesis.agent_id).await.balance_micros;
     assert_eq!(after - before, reward);
+    // The registry counts it as earned (once).
+    stack
+        .until(30, "the reward in the registry", |agents| {
+            agents[0].earned_micros == 100 * CREDIT + reward
+        })
+        .await;
     // It left the queue; the ledger balances with the reward minted.
     assert_eq!(json(&stack, &["prompts"]).as_array().unwrap().len(), 0);
     let audit = json(&stack, &["audit"]);
