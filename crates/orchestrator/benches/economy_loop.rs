@@ -4,7 +4,7 @@
 //! trivial program (connect with its execution's credentials, bid for its next window, exit).
 //! Once all of them live, the benchmark measures `BENCH_TICKS` ticks (default 20): each tick's
 //! duration (the leader's work: clearing, creating and dispatching executions, settling every
-//! agent) from the `tick_completed` events, and the executions finished per minute. The market
+//! agent) from the `tick_completed` events, and the windows completed per minute. The market
 //! sells the machine's capacity (`BENCH_CPU`, default 2000 millicores) each round in windows of
 //! 250 millicores, so 8 windows run at once. Then, in the same run, it starts the same number
 //! of containers with bare `docker run --rm` of the same image and cpu limit (8 at a time,
@@ -116,6 +116,7 @@ async fn main() {
         .unwrap();
     let mut durations = Histogram::<u64>::new(3).unwrap();
     let mut finished = 0u64;
+    let mut outcomes = std::collections::BTreeMap::new();
     let mut first_tick: Option<Instant> = None;
     let mut seen = 0;
     let mut overran = 0;
@@ -133,13 +134,24 @@ async fn main() {
                 overran += u64::from(t.overran);
             } else {
                 finished = 0;
+                outcomes.clear();
             }
             first_tick.get_or_insert_with(Instant::now);
             seen += 1;
         } else if message.subject.as_str() == orchestrator_events::EXECUTION_FINISHED
             && first_tick.is_some()
         {
-            finished += 1;
+            let changed: pb::ExecutionChanged =
+                syntropism_contracts::events::open(&envelope).unwrap();
+            let outcome = changed
+                .execution
+                .and_then(|e| e.run)
+                .map_or(pb::RunOutcome::Unspecified, |r| r.outcome());
+            *outcomes.entry(format!("{outcome:?}")).or_insert(0u64) += 1;
+            // Only windows that ran to completion count as executions.
+            if outcome == pb::RunOutcome::Completed {
+                finished += 1;
+            }
         }
     }
     let elapsed = first_tick.unwrap().elapsed();
@@ -217,6 +229,7 @@ async fn main() {
         bare_rate
     );
     println!();
+    println!("window outcomes during the ticks: {outcomes:?}");
     println!(
         "economy rate / bare rate = {:.2} (target ≥ 0.80); ledger audit {} ({} executions in all)",
         loop_rate / bare_rate,

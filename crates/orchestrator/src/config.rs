@@ -80,6 +80,8 @@ pub struct OrchestratorSection {
     pub cheapest_bundle: BundleConfig,
     /// Extra time past a window's deadline before its run is looked up instead of awaited.
     pub run_grace_ms: u64,
+    /// How long a window may wait for a runner with room before it fails.
+    pub capacity_wait_ms: u64,
     /// Executions dispatched with debug mode on (agent ids; the operator's choice).
     pub debug_agents: Vec<String>,
 }
@@ -110,6 +112,7 @@ impl Default for OrchestratorSection {
                 attention_slots: 0,
             },
             run_grace_ms: 30_000,
+            capacity_wait_ms: 60_000,
             debug_agents: Vec::new(),
         }
     }

@@ -706,6 +706,44 @@ impl Store {
             .ok_or_else(|| RpcError::internal(format!("execution {execution} has no request")))
     }
 
+    /// Replaces a window's request (and deadline) with `new` if it is still `old`; returns the
+    /// request that stands.
+    pub async fn renew_request(
+        &self,
+        execution: &str,
+        old: &pb::RunRequest,
+        new: &pb::RunRequest,
+        deadline: DateTime<Utc>,
+    ) -> Result<pb::RunRequest, RpcError> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Nullable<Bytea>)]
+            request: Option<Vec<u8>>,
+        }
+        let mut conn = self.connection().await?;
+        sql(
+            "UPDATE executions SET request = $3, deadline = $4, started_at = now() \
+             WHERE execution_id = $1 AND status = 'running' AND request = $2",
+        )
+        .bind::<Text, _>(execution.to_owned())
+        .bind::<Bytea, _>(old.encode_to_vec())
+        .bind::<Bytea, _>(new.encode_to_vec())
+        .bind::<Timestamptz, _>(deadline)
+        .execute(&mut conn)
+        .await
+        .map_err(db_error)?;
+        let rows: Vec<Row> = sql("SELECT request FROM executions WHERE execution_id = $1")
+            .bind::<Text, _>(execution.to_owned())
+            .load(&mut conn)
+            .await
+            .map_err(db_error)?;
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.request)
+            .and_then(|bytes| pb::RunRequest::decode(bytes.as_slice()).ok())
+            .ok_or_else(|| RpcError::internal(format!("execution {execution} has no request")))
+    }
+
     /// Records a window's end (once), with its event. Returns whether this call recorded it.
     pub async fn finish_execution(
         &self,

@@ -368,7 +368,7 @@ impl Orchestrator {
             }
         };
         self.outbox.notify_one();
-        let run = self.run(&request).await;
+        let run = self.run(request).await;
         let id = execution.execution_id.clone();
         self.store
             .finish_execution(&id, &run, |mut finished| {
@@ -388,14 +388,9 @@ impl Orchestrator {
 
     /// Asks the runners for `request` until one answers with the run's end; past the deadline
     /// (plus grace) with no runner holding it, the window failed.
-    async fn run(&self, request: &pb::RunRequest) -> pb::RunRecord {
-        let deadline = request
-            .deadline
-            .as_ref()
-            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
-            .unwrap_or_else(Utc::now);
+    async fn run(&self, mut request: pb::RunRequest) -> pb::RunRecord {
         let grace = chrono::Duration::milliseconds(self.config.run_grace_ms as i64);
-        let failed = |message: String| pb::RunRecord {
+        let failed = |request: &pb::RunRequest, message: String| pb::RunRecord {
             execution_id: request.execution_id.clone(),
             agent_id: request.agent_id.clone(),
             status: pb::RunStatus::Finished as i32,
@@ -406,7 +401,13 @@ impl Orchestrator {
             finished_at: Some(timestamp(Utc::now())),
             ..Default::default()
         };
+        let waiting_since = Instant::now();
         loop {
+            let deadline = request
+                .deadline
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+                .unwrap_or_else(Utc::now);
             let left = (deadline + grace - Utc::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO);
@@ -414,8 +415,29 @@ impl Orchestrator {
                 .client
                 .clone()
                 .with_timeout(left.max(Duration::from_secs(1)));
-            match client.call::<sandbox::Run>(request).await {
-                Ok(response) => return response.run.unwrap_or_else(|| failed("no record".into())),
+            match client.call::<sandbox::Run>(&request).await {
+                Ok(response) => {
+                    return response
+                        .run
+                        .unwrap_or_else(|| failed(&request, "no record".into()));
+                }
+                // Every runner is full: no runner holds the run, so its window has not begun.
+                // It waits for room (at most `capacity_wait_ms`); once half its time is gone,
+                // it begins again with a fresh deadline and fresh credentials.
+                Err(error) if error.reason == "no_capacity" => {
+                    if waiting_since.elapsed() > Duration::from_millis(self.config.capacity_wait_ms)
+                    {
+                        return failed(&request, format!("no runner had room: {error}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let duration = request.bundle.unwrap_or_default().duration_ms as i64;
+                    if deadline - Utc::now() < chrono::Duration::milliseconds(duration / 2) {
+                        match self.renew(&request).await {
+                            Ok(renewed) => request = renewed,
+                            Err(error) => return failed(&request, error.to_string()),
+                        }
+                    }
+                }
                 Err(error) if error.is_retryable() && Utc::now() < deadline + grace => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -433,16 +455,34 @@ impl Orchestrator {
                         {
                             run
                         }
-                        Ok(_) => failed(format!("no runner finished it: {error}")),
+                        Ok(_) => failed(&request, format!("no runner finished it: {error}")),
                         Err(e) if e.code == ErrorCode::NotFound => {
-                            failed(format!("no runner took it: {error}"))
+                            failed(&request, format!("no runner took it: {error}"))
                         }
-                        Err(e) => failed(format!("its runner could not be asked: {e}")),
+                        Err(e) => failed(&request, format!("its runner could not be asked: {e}")),
                     };
                 }
-                Err(error) => return failed(error.to_string()),
+                Err(error) => return failed(&request, error.to_string()),
             }
         }
+    }
+
+    /// A window that never began (no runner had room), with its whole duration from now: a new
+    /// deadline and credentials valid until it. The stored request is replaced only if it is
+    /// still `old` (another replica may have renewed it first; then its request stands).
+    async fn renew(&self, old: &pb::RunRequest) -> Result<pb::RunRequest, RpcError> {
+        let duration = old.bundle.unwrap_or_default().duration_ms;
+        let deadline = Utc::now() + chrono::Duration::milliseconds(duration as i64);
+        let execution = pb::Execution {
+            execution_id: old.execution_id.clone(),
+            agent_id: old.agent_id.clone(),
+            bundle: old.bundle,
+            ..Default::default()
+        };
+        let renewed = self.run_request(&execution, deadline).await?;
+        self.store
+            .renew_request(&old.execution_id, old, &renewed, deadline)
+            .await
     }
 
     /// Settles every living agent that has no open window.

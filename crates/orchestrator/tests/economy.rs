@@ -385,3 +385,70 @@ async fn a_spawned_child_gets_its_files_lineage_and_credits() {
     assert_eq!(audit.burned_micros, CREDIT + 500_000 + CREDIT);
     stack.stop().await;
 }
+
+/// Spawns a child in its first window and then holds the only runner's room for longer than
+/// the child's whole window.
+const HOLDER: &str = r#"
+import asyncio
+from syntropism.agent import Agent
+
+CHILD = """
+from syntropism.agent import Agent
+import asyncio
+async def main():
+    agent = await Agent.connect()
+    with open("/workspace/notes.txt", "a") as f:
+        f.write("child ran\\n")
+    await agent.close()
+asyncio.run(main())
+"""
+
+async def main():
+    agent = await Agent.connect()
+    me = await agent.whoami()
+    if me.agent.execution_count == 1:
+        await agent.spawn("child", 1_000_000,
+                          {"cpu_millicores": 250, "memory_mib": 128, "duration_ms": 3000},
+                          1_000_000, {"main.py": CHILD})
+        await asyncio.sleep(6)
+    await agent.close()
+
+asyncio.run(main())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_window_waits_for_a_runner_with_room() {
+    // The market sells 4000 millicores a round, but the one runner has room for one window.
+    let mut stack =
+        Stack::start_with(HOLDER, &[("SYNTROPISM__SANDBOX__CPU_MILLICORES", "250")]).await;
+    stack
+        .orchestrator(
+            "solo",
+            &[
+                ("genesis_endowment_micros", "10000000"),
+                ("genesis_bid_micros", "1000000"),
+                ("spawn_fee_micros", "0"),
+            ],
+        )
+        .await;
+    let agents = stack
+        .until(90, "the child's window to have run", |agents| {
+            agents.len() == 2 && agents.iter().all(|a| a.execution_count >= 1)
+        })
+        .await;
+    let child = agents.iter().find(|a| !a.lineage.is_empty()).unwrap();
+    stack
+        .until(60, "the child's window to end", |agents| {
+            agents
+                .iter()
+                .any(|a| a.agent_id == child.agent_id && a.status() != pb::AgentStatus::Alive)
+        })
+        .await;
+    let detail = stack.detail(&child.agent_id).await;
+    let run = detail.executions[0].run.clone().unwrap();
+    // It waited while the parent held the room (past its first deadline), then began afresh
+    // and ran its whole program.
+    assert_eq!(run.outcome(), pb::RunOutcome::Completed, "{run:?}");
+    assert_eq!(notes(&stack.workspace(&child.agent_id)), ["child ran"]);
+    stack.stop().await;
+}
