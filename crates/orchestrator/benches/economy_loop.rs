@@ -213,11 +213,11 @@ async fn main() {
         overran
     );
     println!(
-        "| executions finished during the ticks     | {:>10} |",
+        "| windows completed during the ticks       | {:>10} |",
         finished
     );
     println!(
-        "| economy: executions per minute           | {:>10.1} |",
+        "| economy: windows completed per minute    | {:>10.1} |",
         loop_rate
     );
     println!(
