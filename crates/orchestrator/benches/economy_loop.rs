@@ -41,8 +41,8 @@ BUNDLE = {{"cpu_millicores": 250, "memory_mib": 64, "duration_ms": 10000}}
 
 async def main():
     agent = await Agent.connect(timeout=30)
-    me = await agent.whoami()
-    if not me.agent.lineage:
+    # Genesis is the rich one (children get 50 credits); it alone asks for its record.
+    if agent.env.balance_micros > 1_000_000_000 and not (await agent.whoami()).agent.lineage:
         # Genesis: spawn the population (idempotent per child, so a later window finishes it).
         living = len(await agent.directory())
         if living < {agents}:

@@ -82,6 +82,9 @@ pub struct OrchestratorSection {
     pub run_grace_ms: u64,
     /// How long a window may wait for a runner with room before it fails.
     pub capacity_wait_ms: u64,
+    /// Every living agent's status is checked every this many ticks (and each agent's when
+    /// its window ends).
+    pub settle_every_ticks: u64,
     /// Executions dispatched with debug mode on (agent ids; the operator's choice).
     pub debug_agents: Vec<String>,
 }
@@ -113,6 +116,7 @@ impl Default for OrchestratorSection {
             },
             run_grace_ms: 30_000,
             capacity_wait_ms: 60_000,
+            settle_every_ticks: 5,
             debug_agents: Vec::new(),
         }
     }
@@ -129,6 +133,11 @@ impl Validate for OrchestratorSection {
             self.lease_ms >= 2 * self.tick_ms.min(5_000) && self.lease_ms >= 500,
             "orchestrator.lease_ms",
             "must be at least 500 and twice tick_ms (capped at 5 s)",
+        );
+        p.check(
+            (1..=1000).contains(&self.settle_every_ticks),
+            "orchestrator.settle_every_ticks",
+            "must be between 1 and 1000",
         );
         p.check(
             self.genesis_endowment_micros > 0,

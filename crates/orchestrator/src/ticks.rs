@@ -124,7 +124,11 @@ impl Orchestrator {
             self.carry(execution);
         }
         self.resume_spawns().await;
-        self.settle_all().await;
+        // An agent is settled when its window ends; the sweep over everyone (for bids that
+        // expired, sponsors, balances) runs every few ticks.
+        if tick % self.config.settle_every_ticks == 0 {
+            self.settle_all().await;
+        }
         let census = self.store.census().await?;
         let duration = began.elapsed();
         let overran = duration > Duration::from_millis(self.config.tick_ms);
