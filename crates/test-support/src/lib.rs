@@ -19,6 +19,22 @@ pub use otlp::OtlpCollector;
 pub const SETUP_HINT: &str =
     "run `scripts/setup.sh` (installs and starts PostgreSQL and nats-server)";
 
+/// The agent runtime image tests run agents in.
+pub const AGENT_IMAGE: &str = "syntropism/agent-runtime:latest";
+
+/// Fails the test, naming the build command, when the agent runtime image (or Docker) is
+/// missing.
+pub fn require_agent_image() {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", AGENT_IMAGE])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{AGENT_IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
+    );
+}
+
 /// Admin URL of the Postgres that tests create their databases on.
 pub fn admin_url() -> String {
     std::env::var("SYNTROPISM_TEST_DATABASE_URL").unwrap_or_else(|_| {

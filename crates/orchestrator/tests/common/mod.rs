@@ -14,7 +14,7 @@ use syntropism_identity::Authority;
 use syntropism_test_support::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
-pub const IMAGE: &str = "syntropism/agent-runtime:latest";
+pub use syntropism_test_support::{AGENT_IMAGE as IMAGE, require_agent_image as image_present};
 
 /// The services a stack runs besides the orchestrator, in start order.
 pub const SERVICES: [&str; 6] = [
@@ -25,17 +25,6 @@ pub const SERVICES: [&str; 6] = [
     "attention",
     "social",
 ];
-
-pub fn image_present() {
-    let ok = std::process::Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
-    );
-}
 
 pub struct Stack {
     pub authority: Authority,

@@ -1,7 +1,7 @@
 //! Runners as the orchestrator meets them: NATS in operator mode, Postgres, the economy (so
 //! agents have a service to reach), runners in-process or as their own process, and a client on
 //! service credentials.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unused_imports, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,18 +15,7 @@ use syntropism_sandbox_runner::sandbox::AGENT_UID;
 use syntropism_test_support::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
-pub const IMAGE: &str = "syntropism/agent-runtime:latest";
-
-pub fn image_present() {
-    let ok = std::process::Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{IMAGE} is missing (or Docker is not running): run `just agent-image` (scripts/test.sh builds it)"
-    );
-}
+pub use syntropism_test_support::{AGENT_IMAGE as IMAGE, require_agent_image as image_present};
 
 pub struct Stack {
     pub authority: Authority,
