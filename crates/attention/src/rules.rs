@@ -219,20 +219,7 @@ fn expired() -> RpcError {
     RpcError::failed_precondition("the prompt expired unanswered").with_reason("prompt_expired")
 }
 
-/// How many of `sizes` (encoded sizes of the items of a reply, in order) fit in `budget`
-/// bytes; at least one, so a page always makes progress.
-pub fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
-    let mut total = 0usize;
-    let mut n = 0;
-    for size in sizes {
-        total = total.saturating_add(size + 8);
-        if total > budget && n > 0 {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
+pub use syntropism_contracts::rpc::fitting;
 
 #[cfg(test)]
 mod tests {
@@ -399,13 +386,5 @@ mod tests {
         assert_eq!(Status::named("other"), None);
         assert_eq!(Status::Rewarding.to_pb(), pb::PromptStatus::Pending);
         assert_eq!(Status::Expired.to_pb(), pb::PromptStatus::Expired);
-    }
-
-    #[test]
-    fn a_reply_holds_what_fits_and_at_least_one() {
-        assert_eq!(fitting([10, 10, 10], 1000), 3);
-        assert_eq!(fitting([100, 100, 100], 250), 2);
-        assert_eq!(fitting([5000], 10), 1);
-        assert_eq!(fitting(std::iter::empty(), 10), 0);
     }
 }

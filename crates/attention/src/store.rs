@@ -12,12 +12,7 @@ use syntropism_platform::sql::sql;
 
 use crate::rules::{Scores, Status};
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use syntropism_contracts::time::timestamp;
 
 #[derive(diesel::QueryableByName)]
 struct PromptRow {

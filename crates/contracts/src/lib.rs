@@ -17,6 +17,7 @@ pub mod sandbox;
 pub mod scheduler;
 pub mod social;
 pub mod subjects;
+pub mod time;
 pub mod trace;
 
 /// Generated protobuf messages (`proto/syntropism/v1/*.proto`).

@@ -141,6 +141,21 @@ impl RequestContext {
 // ---------------------------------------------------------------------------------------------
 // Client
 
+/// How many items of a paged reply fit in `budget` bytes, given their encoded `sizes` in order
+/// (each counted with 8 bytes of framing); at least one, so a page always makes progress.
+pub fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        total = total.saturating_add(size + 8);
+        if total > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// How many times [`RpcClient::call_retrying`] sends a request.
 pub const RETRY_ATTEMPTS: u32 = 5;
 
@@ -560,6 +575,14 @@ fn panic_to_error(panic: Box<dyn Any + Send>) -> RpcError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_holds_what_fits_and_at_least_one() {
+        assert_eq!(fitting([10, 10, 10], 1000), 3);
+        assert_eq!(fitting([100, 100, 100], 250), 2);
+        assert_eq!(fitting([5000], 10), 1);
+        assert_eq!(fitting(std::iter::empty(), 10), 0);
+    }
 
     #[test]
     fn subjects_follow_the_design() {

@@ -125,12 +125,7 @@ fn catalogue_message(c: &Catalogue) -> pb::Catalogue {
     }
 }
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+use syntropism_contracts::time::timestamp;
 
 fn summary_message(r: &Round) -> pb::RoundSummary {
     pb::RoundSummary {

@@ -11,12 +11,7 @@ use syntropism_platform::db::{Pool, PooledConnection};
 use syntropism_platform::outbox::{self, PendingEvent};
 use syntropism_platform::sql::sql;
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use syntropism_contracts::time::timestamp;
 
 pub fn status_name(status: pb::AgentStatus) -> &'static str {
     match status {

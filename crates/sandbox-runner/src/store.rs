@@ -49,12 +49,7 @@ const RUN_COLUMNS: &str = "execution_id, agent_id::text AS agent_id, runner_id, 
      bundle, status, outcome, exit_code, cpu_time_ms, peak_memory_bytes, wall_time_ms, log_tail, \
      log_truncated, error, started_at, finished_at";
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+use syntropism_contracts::time::timestamp;
 
 pub fn outcome_name(outcome: pb::RunOutcome) -> &'static str {
     match outcome {

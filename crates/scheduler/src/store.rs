@@ -75,12 +75,7 @@ pub struct RoundRow {
 
 pub const ROUND_COLUMNS: &str = "round, clock, status, settlement, response, report, expired";
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use syntropism_contracts::time::timestamp;
 
 /// A wire timestamp as a time, or a clear error naming `field`.
 pub fn time_from(

@@ -125,20 +125,7 @@ pub fn page_limit(requested: u32, default: u32, max: u32) -> u32 {
     }
 }
 
-/// How many of `sizes` (encoded sizes of the items of a reply, in order) fit in `budget`
-/// bytes; at least one, so a page always makes progress.
-pub fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
-    let mut total = 0usize;
-    let mut n = 0;
-    for size in sizes {
-        total = total.saturating_add(size + 8);
-        if total > budget && n > 0 {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
+pub use syntropism_contracts::rpc::fitting;
 
 #[cfg(test)]
 mod tests {
@@ -232,7 +219,5 @@ mod tests {
         assert_eq!(page_limit(0, 50, 500), 50);
         assert_eq!(page_limit(7, 50, 500), 7);
         assert_eq!(page_limit(10_000, 50, 500), 500);
-        assert_eq!(fitting([100, 100, 100], 250), 2);
-        assert_eq!(fitting([5000], 10), 1);
     }
 }

@@ -15,12 +15,7 @@ use syntropism_platform::sql::sql;
 
 use crate::rules::Delivery;
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use syntropism_contracts::time::timestamp;
 
 /// Where a message or a post is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

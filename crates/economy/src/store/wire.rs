@@ -51,12 +51,7 @@ fn chunks<T: prost::Message>(items: Vec<T>) -> Vec<Vec<T>> {
 
 // ---- Conversions to the wire ----------------------------------------------------------------
 
-pub(super) fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: time.timestamp_subsec_nanos() as i32,
-    }
-}
+pub(super) use syntropism_contracts::time::timestamp;
 
 pub(crate) fn account_ref_pb(account: AccountRef) -> pb::AccountRef {
     use pb::account_ref::Account;
