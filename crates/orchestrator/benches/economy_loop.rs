@@ -63,6 +63,49 @@ asyncio.run(main())
     )
 }
 
+/// CPU time the whole machine has spent busy (all cores, `/proc/stat`), in seconds.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy as f64 / 100.0
+}
+
+/// CPU time of every Docker container, living or gone (the `docker` cgroup), in seconds.
+fn containers_cpu_seconds() -> Option<f64> {
+    if let Ok(text) = std::fs::read_to_string("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage") {
+        return text.trim().parse::<u64>().ok().map(|n| n as f64 / 1e9);
+    }
+    // cgroup v2 with Docker's cgroupfs driver; under systemd the containers have no parent
+    // of their own, and the figure is left out rather than mixed with other services.
+    std::fs::read_to_string("/sys/fs/cgroup/docker/cpu.stat")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .map(|usec| usec as f64 / 1e6)
+}
+
+fn per(total: Option<f64>, count: u64) -> String {
+    total.map_or("n/a".into(), |t| format!("{:.3}", t / count.max(1) as f64))
+}
+
 #[tokio::main]
 async fn main() {
     let agents = env_or("BENCH_AGENTS", 200);
@@ -120,6 +163,8 @@ async fn main() {
     let mut first_tick: Option<Instant> = None;
     let mut seen = 0;
     let mut overran = 0;
+    let mut agent_cpu_ms = 0u64;
+    let (mut busy_start, mut containers_start) = (0.0, None);
     while seen <= ticks {
         let message = tokio::time::timeout(Duration::from_secs(120), events.next())
             .await
@@ -134,7 +179,10 @@ async fn main() {
                 overran += u64::from(t.overran);
             } else {
                 finished = 0;
+                agent_cpu_ms = 0;
                 outcomes.clear();
+                busy_start = machine_busy_seconds();
+                containers_start = containers_cpu_seconds();
             }
             first_tick.get_or_insert_with(Instant::now);
             seen += 1;
@@ -143,18 +191,23 @@ async fn main() {
         {
             let changed: pb::ExecutionChanged =
                 syntropism_contracts::events::open(&envelope).unwrap();
-            let outcome = changed
-                .execution
-                .and_then(|e| e.run)
+            let run = changed.execution.and_then(|e| e.run);
+            let outcome = run
+                .as_ref()
                 .map_or(pb::RunOutcome::Unspecified, |r| r.outcome());
             *outcomes.entry(format!("{outcome:?}")).or_insert(0u64) += 1;
             // Only windows that ran to completion count as executions.
             if outcome == pb::RunOutcome::Completed {
                 finished += 1;
+                agent_cpu_ms += run.map_or(0, |r| r.cpu_time_ms);
             }
         }
     }
     let elapsed = first_tick.unwrap().elapsed();
+    let loop_busy = machine_busy_seconds() - busy_start;
+    let loop_containers = containers_cpu_seconds()
+        .zip(containers_start)
+        .map(|(end, start)| end - start);
     let loop_rate = finished as f64 / elapsed.as_secs_f64() * 60.0;
     let status = stack.status().await;
     stack.stop().await;
@@ -163,6 +216,8 @@ async fn main() {
     let image = common::IMAGE;
     let bare = finished.max(1) as usize;
     let begun = Instant::now();
+    let (bare_busy_start, bare_containers_start) =
+        (machine_busy_seconds(), containers_cpu_seconds());
     futures::stream::iter(0..bare)
         .map(|_| async move {
             let out = tokio::process::Command::new("docker")
@@ -193,6 +248,10 @@ async fn main() {
         .collect::<Vec<_>>()
         .await;
     let bare_elapsed = begun.elapsed();
+    let bare_busy = machine_busy_seconds() - bare_busy_start;
+    let bare_containers = containers_cpu_seconds()
+        .zip(bare_containers_start)
+        .map(|(end, start)| end - start);
     let bare_rate = bare as f64 / bare_elapsed.as_secs_f64() * 60.0;
 
     println!();
@@ -227,6 +286,26 @@ async fn main() {
     println!(
         "| bare docker run: containers per minute   | {:>10.1} |",
         bare_rate
+    );
+    println!(
+        "| machine CPU-s per window (economy)       | {:>10.3} |",
+        loop_busy / finished.max(1) as f64
+    );
+    println!(
+        "| machine CPU-s per container (bare)       | {:>10.3} |",
+        bare_busy / bare as f64
+    );
+    println!(
+        "| container CPU-s per window (economy)     | {:>10} |",
+        per(loop_containers, finished)
+    );
+    println!(
+        "| agent CPU-s per window, runner's record  | {:>10.3} |",
+        agent_cpu_ms as f64 / 1000.0 / finished.max(1) as f64
+    );
+    println!(
+        "| container CPU-s per container (bare)     | {:>10} |",
+        per(bare_containers, bare as u64)
     );
     println!();
     println!("window outcomes during the ticks: {outcomes:?}");

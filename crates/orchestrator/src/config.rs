@@ -82,6 +82,9 @@ pub struct OrchestratorSection {
     pub run_grace_ms: u64,
     /// How long a window may wait for a runner with room before it fails.
     pub capacity_wait_ms: u64,
+    /// A waiting window is woken when a run this replica carries ends; it also asks again
+    /// this often, for room freed elsewhere.
+    pub capacity_poll_ms: u64,
     /// Every living agent's status is checked every this many ticks (and each agent's when
     /// its window ends).
     pub settle_every_ticks: u64,
@@ -116,6 +119,7 @@ impl Default for OrchestratorSection {
             },
             run_grace_ms: 30_000,
             capacity_wait_ms: 60_000,
+            capacity_poll_ms: 1_000,
             settle_every_ticks: 5,
             debug_agents: Vec::new(),
         }
@@ -133,6 +137,11 @@ impl Validate for OrchestratorSection {
             self.lease_ms >= 2 * self.tick_ms.min(5_000) && self.lease_ms >= 500,
             "orchestrator.lease_ms",
             "must be at least 500 and twice tick_ms (capped at 5 s)",
+        );
+        p.check(
+            (10..=60_000).contains(&self.capacity_poll_ms),
+            "orchestrator.capacity_poll_ms",
+            "must be between 10 and 60000",
         );
         p.check(
             (1..=1000).contains(&self.settle_every_ticks),

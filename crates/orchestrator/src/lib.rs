@@ -48,6 +48,9 @@ pub struct Orchestrator {
     outbox: Arc<Notify>,
     /// Executions this replica is carrying (dispatching or awaiting), so none is carried twice.
     carrying: Mutex<HashSet<String>>,
+    /// Woken (one waiter at a time) when a run ends, so a window waiting for a runner with
+    /// room tries again at once instead of at its next poll.
+    room: Notify,
     windows: TaskTracker,
     stop: CancellationToken,
 }
@@ -127,6 +130,7 @@ pub async fn start(
         authority,
         outbox: service.outbox.clone(),
         carrying: Mutex::new(HashSet::new()),
+        room: Notify::new(),
         windows: TaskTracker::new(),
         stop: stop.clone(),
     });

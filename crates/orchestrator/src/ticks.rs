@@ -265,7 +265,12 @@ impl Orchestrator {
         let this = self.clone();
         self.windows.spawn(async move {
             let agent = execution.execution.agent_id.clone();
-            if let Err(error) = this.window(execution).await {
+            // A replica that stops leaves its windows open; the next leader carries them.
+            let carried = tokio::select! {
+                _ = this.stop.cancelled() => return,
+                carried = this.window(execution) => carried,
+            };
+            if let Err(error) = carried {
                 tracing::warn!(execution = %id, %error, "window not carried to its end");
             }
             this.carrying.lock().expect("carrying lock").remove(&id);
@@ -421,19 +426,26 @@ impl Orchestrator {
                 .with_timeout(left.max(Duration::from_secs(1)));
             match client.call::<sandbox::Run>(&request).await {
                 Ok(response) => {
+                    // The run's room is free again: the longest-waiting window may take it.
+                    self.room.notify_one();
                     return response
                         .run
                         .unwrap_or_else(|| failed(&request, "no record".into()));
                 }
                 // Every runner is full: no runner holds the run, so its window has not begun.
-                // It waits for room (at most `capacity_wait_ms`); once half its time is gone,
-                // it begins again with a fresh deadline and fresh credentials.
+                // It waits for room (at most `capacity_wait_ms`): until a run this replica
+                // carries ends, or `capacity_poll_ms` for room it cannot see (other runners,
+                // other replicas). Once half its time is gone, it begins again with a fresh
+                // deadline and fresh credentials.
                 Err(error) if error.reason == "no_capacity" => {
                     if waiting_since.elapsed() > Duration::from_millis(self.config.capacity_wait_ms)
                     {
                         return failed(&request, format!("no runner had room: {error}"));
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        _ = self.room.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(self.config.capacity_poll_ms)) => {}
+                    }
                     let duration = request.bundle.unwrap_or_default().duration_ms as i64;
                     if deadline - Utc::now() < chrono::Duration::milliseconds(duration / 2) {
                         match self.renew(&request).await {

@@ -15,7 +15,17 @@ code. Requests continue the trace in ``TRACEPARENT``.
     asyncio.run(main())
 """
 
-from . import pb
-from .agent import Agent, ExecutionEnv, SyntropismError
+import importlib
 
 __all__ = ["Agent", "ExecutionEnv", "SyntropismError", "pb"]
+
+
+def __getattr__(name):
+    # Loaded on first use, not with the package: the launcher (``syntropism.launch``) runs
+    # before every program and must not pay for the protobuf classes and the NATS client,
+    # which the program then loads again in its own interpreter.
+    if name == "pb":
+        return importlib.import_module(".pb", __name__)
+    if name in ("Agent", "ExecutionEnv", "SyntropismError"):
+        return getattr(importlib.import_module(".agent", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
