@@ -15,82 +15,26 @@ use syntropism_contracts::attention::{admin, agent};
 use syntropism_contracts::economy::internal as economy;
 use syntropism_contracts::rpc::decode_reply;
 use syntropism_contracts::{AgentId, ErrorCode, Method, RpcClient, RpcError, pb};
-use syntropism_test_support::{Nats, Postgres};
+use syntropism_test_support::{Nats, Postgres, Running, service_vars};
 use tokio_util::sync::CancellationToken;
 
 const CREDIT: i64 = 1_000_000;
 /// The default weight: 50 credits a point.
 const POINT: i64 = 50 * CREDIT;
 
-fn vars(nats: &Nats, pg: &Postgres, role: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut vars = vec![
-        ("SYNTROPISM__NATS__URL".to_owned(), nats.url()),
-        (
-            "SYNTROPISM__DATABASE__URL".to_owned(),
-            pg.url_for(role, role),
-        ),
-        ("SYNTROPISM__DATABASE__ADMIN_URL".to_owned(), pg.admin_url()),
-        ("SYNTROPISM__DATABASE__POOL_SIZE".to_owned(), "4".to_owned()),
-        ("SYNTROPISM__HTTP__ENABLED".to_owned(), "false".to_owned()),
-        (
-            "SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".to_owned(),
-            "50".to_owned(),
-        ),
-    ];
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    vars
-}
-
-/// Waits until `M` is served. `RpcServer::serve` flushes its subscription without a round trip
-/// to the server, so a request sent at once from another connection may find no responder yet.
-/// A service subscribes its methods in order on one connection: when its last one is served,
-/// all are.
-async fn served<M: Method>(nats: &Nats) {
-    let client = RpcClient::new(async_nats::connect(nats.url()).await.unwrap());
-    let subject = M::ENDPOINT
-        .subject(Some(&AgentId::random()))
-        .or_else(|_| M::ENDPOINT.subject(None))
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Err(error) = client
-        .request_raw(&subject, HeaderMap::new(), bytes::Bytes::new())
-        .await
-    {
-        assert!(
-            error.reason == "no_responders" && std::time::Instant::now() < deadline,
-            "{error:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap();
-    }
-}
-
 async fn economy(nats: &Nats, pg: &Postgres) -> Running {
     let config: syntropism_economy::EconomyConfig = syntropism_platform::config::load_from(
         syntropism_economy::config::SECTION,
         syntropism_economy::config::DEFAULTS,
         None,
-        vars(nats, pg, "economy", &[]),
+        service_vars(nats, pg, "economy", &[]),
     )
     .unwrap();
     let stop = CancellationToken::new();
     let service = syntropism_economy::start(&config, stop.clone())
         .await
         .unwrap();
-    let task = tokio::spawn(service.run());
-    served::<syntropism_contracts::economy::agent::Transfer>(nats).await;
-    Running { stop, task }
+    Running::spawn(stop, service.run())
 }
 
 async fn attention(nats: &Nats, pg: &Postgres) -> Running {
@@ -98,7 +42,7 @@ async fn attention(nats: &Nats, pg: &Postgres) -> Running {
         syntropism_attention::config::SECTION,
         syntropism_attention::config::DEFAULTS,
         None,
-        vars(
+        service_vars(
             nats,
             pg,
             "attention",
@@ -113,9 +57,7 @@ async fn attention(nats: &Nats, pg: &Postgres) -> Running {
     let service = syntropism_attention::start(&config, stop.clone())
         .await
         .unwrap();
-    let task = tokio::spawn(service.run());
-    served::<admin::Dismiss>(nats).await;
-    Running { stop, task }
+    Running::spawn(stop, service.run())
 }
 
 async fn client(nats: &Nats) -> RpcClient {

@@ -161,7 +161,22 @@ pub const RETRY_ATTEMPTS: u32 = 5;
 
 /// Runs `call` until it succeeds, fails for good, or has been tried [`RETRY_ATTEMPTS`] times,
 /// waiting 100 ms more after each retryable failure.
-pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, RpcError>
+pub async fn retrying<T, F, Fut>(call: F) -> Result<T, RpcError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RpcError>>,
+{
+    retrying_with(RETRY_ATTEMPTS, Duration::from_millis(100), call).await
+}
+
+/// Runs `call` until it succeeds, fails for good, or has been tried `attempts` times, waiting
+/// `step` more after each retryable failure (`step`, `2 × step`, …). For callers on a latency
+/// budget (a handler answering an agent) that cannot afford [`retrying`]'s five attempts.
+pub async fn retrying_with<T, F, Fut>(
+    attempts: u32,
+    step: Duration,
+    mut call: F,
+) -> Result<T, RpcError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RpcError>>,
@@ -170,8 +185,8 @@ where
     loop {
         attempt += 1;
         match call().await {
-            Err(error) if error.is_retryable() && attempt < RETRY_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            Err(error) if error.is_retryable() && attempt < attempts => {
+                tokio::time::sleep(step * attempt).await;
             }
             result => return result,
         }
@@ -402,8 +417,8 @@ impl RpcServer {
             .queue_subscribe(subject.clone(), self.queue_group.clone())
             .await?;
         // A round trip to the server, so that when `serve` returns the subject is reachable.
-        if let Err(error) = self.nats.flush().await {
-            tracing::warn!(%subject, %error, "flush after subscribing failed");
+        if let Err(error) = round_trip(&self.nats).await {
+            tracing::warn!(%subject, %error, "no round trip to the server after subscribing");
         }
         let handler = Arc::new(handler);
         let (nats, in_flight, handlers, stop) = (
@@ -448,6 +463,32 @@ impl RpcServer {
         if let Err(error) = self.nats.flush().await {
             tracing::warn!(%error, "flush after shutdown failed");
         }
+    }
+}
+
+/// Returns once the server has processed everything sent on `nats` before it. `flush` only
+/// writes the buffer out (async-nats has no public PING), so this sends a message to an inbox of
+/// our own: the server handles a connection's commands in order, and the message comes back only
+/// after the subscriptions sent before it are in place.
+pub async fn round_trip(nats: &Client) -> Result<(), RpcError> {
+    let failed = |what: &str, error: &dyn std::fmt::Display| {
+        RpcError::unavailable(format!("round trip to NATS: {what}: {error}"))
+    };
+    let inbox = nats.new_inbox();
+    let mut echo = nats
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| failed("subscribe", &e))?;
+    nats.publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| failed("publish", &e))?;
+    nats.flush().await.map_err(|e| failed("flush", &e))?;
+    let back = tokio::time::timeout(Duration::from_secs(10), echo.next()).await;
+    let _ = echo.unsubscribe().await;
+    match back {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(failed("echo", &"the subscription ended")),
+        Err(_) => Err(failed("echo", &"no answer within 10 s")),
     }
 }
 

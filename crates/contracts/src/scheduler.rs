@@ -12,6 +12,11 @@ pub mod internal {
         Clear: Internal "scheduler"."clear",
         pb::ClearRequest => pb::ClearResponse
     );
+    rpc_method!(
+        /// How many pending bids would run each agent (by beneficiary, whoever pays).
+        PendingFor: Internal "scheduler"."pending_for",
+        pb::PendingForRequest => pb::PendingForResponse
+    );
 }
 
 /// Agent-facing requests: `agent.<agent_id>.scheduler.<method>`.

@@ -338,3 +338,27 @@ fn the_python_sdk_descriptors_match_proto() {
         "sdk/python/syntropism/descriptor.bin is stale: run `just sdk-descriptor`"
     );
 }
+
+/// When `serve` returns, the method answers a request sent at once from another connection:
+/// `serve` waits for the server to have the subscription, not just for the bytes to leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_answers_as_soon_as_serve_returns() {
+    let nats = Nats::start();
+    let client = client(&nats).await;
+    for round in 0..50 {
+        let mut server = RpcServer::new(async_nats::connect(nats.url()).await.unwrap(), "fresh");
+        server
+            .serve::<Echo, _, _>(|_ctx, request| async move { Ok(request) })
+            .await
+            .unwrap();
+        let echoed = client
+            .call::<Echo>(&pb::AgentHistoryRequest {
+                before_id: round,
+                limit: 1,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(echoed.before_id, round);
+        server.shutdown().await;
+    }
+}

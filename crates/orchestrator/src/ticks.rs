@@ -515,10 +515,40 @@ impl Orchestrator {
             .into_iter()
             .filter_map(|agent| AgentId::parse(&agent.agent_id, "agent_id").ok())
             .collect();
+        // Everyone's bids in a few requests, not one each (an agent whose count is missing
+        // asks for its own).
+        let mut pending = std::collections::HashMap::new();
+        for chunk in ids.chunks(1000) {
+            match self.pending_for(chunk).await {
+                Ok(counts) => pending.extend(counts),
+                Err(error) => tracing::warn!(%error, "reading pending bids failed"),
+            }
+        }
+        let pending = &pending;
         let mut checks = futures::stream::iter(ids)
-            .map(move |id| self.settle_with(id, cheapest))
+            .map(move |id| self.settle_with(id, cheapest, pending.get(&id).copied()))
             .buffer_unordered(16);
         while checks.next().await.is_some() {}
+    }
+
+    /// The pending bids that would run each of `agents` (whoever pays): (due, scheduled).
+    async fn pending_for(
+        &self,
+        agents: &[AgentId],
+    ) -> Result<std::collections::HashMap<AgentId, (u32, u32)>, RpcError> {
+        let response = self
+            .call::<scheduler::PendingFor>(&pb::PendingForRequest {
+                agent_ids: agents.iter().map(ToString::to_string).collect(),
+            })
+            .await?;
+        Ok(response
+            .agents
+            .into_iter()
+            .filter_map(|p| {
+                let agent = AgentId::parse(&p.agent_id, "agent_id").ok()?;
+                Some((agent, (p.due, p.scheduled)))
+            })
+            .collect())
     }
 
     /// The reserve value of the cheapest possible bundle now (unknown: never dies of it).
@@ -539,18 +569,29 @@ impl Orchestrator {
 
     pub(crate) async fn settle(&self, agent: AgentId) {
         let cheapest = self.cheapest().await;
-        self.settle_with(agent, cheapest).await;
+        self.settle_with(agent, cheapest, None).await;
     }
 
     /// Decides one agent's status from its windows, bids and balance; a death closes its
     /// account (burning what is left) and archives its workspace read-only.
-    async fn settle_with(&self, agent: AgentId, cheapest: Option<i64>) {
-        if let Err(error) = self.try_settle(agent, cheapest).await {
+    async fn settle_with(
+        &self,
+        agent: AgentId,
+        cheapest: Option<i64>,
+        pending: Option<(u32, u32)>,
+    ) {
+        if let Err(error) = self.try_settle(agent, cheapest, pending).await {
             tracing::warn!(%agent, %error, "settling an agent failed; tried again next tick");
         }
     }
 
-    async fn try_settle(&self, agent: AgentId, cheapest: Option<i64>) -> Result<(), RpcError> {
+    /// `pending`: the agent's pending bids (due, scheduled) if already known.
+    async fn try_settle(
+        &self,
+        agent: AgentId,
+        cheapest: Option<i64>,
+        pending: Option<(u32, u32)>,
+    ) -> Result<(), RpcError> {
         let Some(stored) = self.store.agent(agent).await? else {
             return Ok(());
         };
@@ -565,24 +606,18 @@ impl Orchestrator {
             ..Facts::default()
         };
         if !running {
-            let bids = self
-                .call_as::<scheduler_agent::ListBids>(
-                    &agent,
-                    &pb::ListBidsRequest {
-                        status: pb::BidStatus::Pending as i32,
-                        before_id: 0,
-                        limit: 500,
-                    },
-                )
-                .await?;
-            let now = Utc::now().timestamp();
-            for bid in &bids.bids {
-                if bid.not_before.as_ref().is_some_and(|t| t.seconds > now) {
-                    facts.scheduled = true;
-                } else {
-                    facts.pending_due = true;
-                }
-            }
+            // Bids that would run it, its own or a sponsor's.
+            let (due, scheduled) = match pending {
+                Some(counts) => counts,
+                None => self
+                    .pending_for(&[agent])
+                    .await?
+                    .get(&agent)
+                    .copied()
+                    .unwrap_or_default(),
+            };
+            facts.pending_due = due > 0;
+            facts.scheduled = scheduled > 0;
             let account = self
                 .call::<economy::Balance>(&pb::BalanceRequest {
                     account: agent_ref(&agent),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use common::Stack;
+use syntropism_contracts::economy::internal as economy;
 use syntropism_contracts::pb;
+use syntropism_contracts::scheduler::agent as scheduler;
 use syntropism_contracts::subjects::orchestrator_events;
 
 const CREDIT: i64 = 1_000_000;
@@ -450,5 +452,108 @@ async fn a_window_waits_for_a_runner_with_room() {
     // and ran its whole program.
     assert_eq!(run.outcome(), pb::RunOutcome::Completed, "{run:?}");
     assert_eq!(notes(&stack.workspace(&child.agent_id)), ["child ran"]);
+    stack.stop().await;
+}
+
+/// An agent kept alive only by someone else's bid. Genesis spends its last credit on its
+/// first window and never bids; a sponsor has already bid for a window of it, not before a
+/// few seconds from now. Broke, with no bid of its own, genesis is still not dead: the
+/// sponsor's bid will wake it. It sleeps, runs the sponsor's window, and only then dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sponsored_agent_lives_on_its_sponsors_bid() {
+    const IDLE: &str = "print('nothing to do')\n";
+    let mut stack = Stack::start(IDLE).await;
+    stack
+        .orchestrator(
+            "solo",
+            &[
+                ("genesis_endowment_micros", "1000000"),
+                ("genesis_bid_micros", "1000000"),
+            ],
+        )
+        .await;
+    let agents = stack.until(60, "genesis", |agents| agents.len() == 1).await;
+    let genesis = common::agent_id(&agents[0]);
+    let sponsor = syntropism_contracts::AgentId::random();
+    stack
+        .client
+        .call::<economy::OpenAccount>(&pb::OpenAccountRequest {
+            idempotency_id: "sponsor:open".into(),
+            op: Some(pb::OpenAccountOp {
+                agent_id: sponsor.to_string(),
+            }),
+        })
+        .await
+        .unwrap();
+    stack
+        .client
+        .call::<economy::Mint>(&pb::MintRequest {
+            idempotency_id: "sponsor:grant".into(),
+            op: Some(pb::MintOp {
+                agent_id: sponsor.to_string(),
+                amount_micros: 10 * CREDIT,
+                reason: pb::MintReason::GenesisGrant as i32,
+                memo: "a sponsor".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let wake = chrono::Utc::now() + chrono::Duration::seconds(12);
+    stack
+        .client
+        .call_as::<scheduler::PlaceBid>(
+            &sponsor,
+            &pb::PlaceBidRequest {
+                idempotency_id: "sponsor:bid".into(),
+                bundle: Some(pb::Bundle {
+                    cpu_millicores: 250,
+                    memory_mib: 128,
+                    duration_ms: 8000,
+                    ..Default::default()
+                }),
+                amount_micros: CREDIT,
+                beneficiary_id: genesis.to_string(),
+                not_before: Some(prost_types::Timestamp {
+                    seconds: wake.timestamp(),
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let agents = stack
+        .until(90, "genesis to die after its sponsored window", |agents| {
+            agents[0].status() == pb::AgentStatus::Dead
+        })
+        .await;
+    assert_eq!(agents[0].execution_count, 2, "{:?}", agents[0]);
+    // Its own credit and the sponsor's went on its two windows.
+    assert_eq!(
+        stack.account(&sponsor.to_string()).await.balance_micros,
+        9 * CREDIT
+    );
+    let changes: Vec<pb::AgentStatus> = stack
+        .events()
+        .await
+        .into_iter()
+        .filter(|(subject, _)| subject == orchestrator_events::AGENT_STATUS_CHANGED)
+        .map(|(_, envelope)| {
+            let changed: pb::AgentStatusChanged =
+                syntropism_contracts::events::open(&envelope).unwrap();
+            changed.to()
+        })
+        .collect();
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|s| **s == pb::AgentStatus::Dead)
+            .count(),
+        1,
+        "dead once, at the end: {changes:?}"
+    );
+    assert_eq!(changes.last(), Some(&pb::AgentStatus::Dead), "{changes:?}");
+    let audit = stack.audit().await;
+    assert!(audit.ok, "{audit:?}");
     stack.stop().await;
 }

@@ -72,6 +72,7 @@ pub async fn register(
     serve!(agent::CancelBid, cancel_bid);
     serve!(agent::ListBids, list_bids);
     serve!(internal::Clear, clear);
+    serve!(internal::PendingFor, pending_for);
     Ok(())
 }
 
@@ -156,16 +157,12 @@ impl Scheduler {
         &self,
         request: &M::Request,
     ) -> Result<M::Response, RpcError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.client.call::<M>(request).await {
-                Err(error) if error.is_retryable() && attempt < ECONOMY_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                result => return result,
-            }
-        }
+        syntropism_contracts::rpc::retrying_with(
+            ECONOMY_ATTEMPTS,
+            Duration::from_millis(50),
+            || self.client.call::<M>(request),
+        )
+        .await
     }
 
     async fn bid_by_key(
@@ -742,6 +739,67 @@ impl Scheduler {
         Ok(pb::ListBidsResponse {
             bids: rows.iter().map(BidRow::to_message).collect(),
             next_before_id,
+        })
+    }
+
+    /// `scheduler.pending_for`: per agent, the bids that would run it (whoever pays), due now
+    /// or scheduled for later. Bids being cancelled or past their expiry do not count.
+    async fn pending_for(
+        &self,
+        _ctx: RequestContext,
+        request: pb::PendingForRequest,
+    ) -> Result<pb::PendingForResponse, RpcError> {
+        const MAX_AGENTS: usize = 1000;
+        if request.agent_ids.len() > MAX_AGENTS {
+            return Err(invalid(
+                "agent_ids",
+                "too_many",
+                format!("at most {MAX_AGENTS} agents per request"),
+            ));
+        }
+        let agents = request
+            .agent_ids
+            .iter()
+            .map(|id| AgentId::parse(id, "agent_ids").map(|a| a.as_uuid()))
+            .collect::<Result<Vec<_>, _>>()?;
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            beneficiary: uuid::Uuid,
+            #[diesel(sql_type = BigInt)]
+            due: i64,
+            #[diesel(sql_type = BigInt)]
+            scheduled: i64,
+        }
+        let mut conn = self.connection().await?;
+        let rows: Vec<Row> = sql("SELECT beneficiary, \
+                    count(*) FILTER (WHERE not_before IS NULL OR not_before <= now()) AS due, \
+                    count(*) FILTER (WHERE not_before > now()) AS scheduled \
+             FROM bids WHERE beneficiary = ANY($1) \
+               AND status IN ('placing', 'pending', 'settling') AND expires_at > now() \
+             GROUP BY beneficiary")
+        .bind::<Array<diesel::sql_types::Uuid>, _>(agents.clone())
+        .load(&mut conn)
+        .await
+        .map_err(db_error)?;
+        let counts: HashMap<uuid::Uuid, (i64, i64)> = rows
+            .into_iter()
+            .map(|r| (r.beneficiary, (r.due, r.scheduled)))
+            .collect();
+        Ok(pb::PendingForResponse {
+            agents: request
+                .agent_ids
+                .iter()
+                .zip(&agents)
+                .map(|(id, uuid)| {
+                    let (due, scheduled) = counts.get(uuid).copied().unwrap_or_default();
+                    pb::PendingFor {
+                        agent_id: id.clone(),
+                        due: due as u32,
+                        scheduled: scheduled as u32,
+                    }
+                })
+                .collect(),
         })
     }
 

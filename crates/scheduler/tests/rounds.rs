@@ -530,3 +530,96 @@ async fn a_bid_the_economy_refuses_to_settle_is_left_out_and_the_round_goes_on()
     assert!(h.audit().await.ok);
     h.stop().await;
 }
+
+/// `pending_for` counts the bids that would run an agent, whoever pays: a sponsor's bid keeps
+/// its beneficiary alive, a scheduled bid is told apart, a cancelled one no longer counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_for_counts_bids_by_beneficiary_whoever_pays() {
+    let h = Harness::start(&[]).await;
+    let sponsor = h.funded_agent(10 * CREDIT).await;
+    let sponsored = h.funded_agent(CREDIT).await;
+    let idle = h.funded_agent(CREDIT).await;
+    let reserve = h.reserve(window(100)).await;
+    let place = |payer: AgentId, key: &str, beneficiary: Option<AgentId>, not_before| {
+        let client = h.client.clone();
+        let request = pb::PlaceBidRequest {
+            idempotency_id: key.into(),
+            bundle: Some(window(100)),
+            amount_micros: reserve,
+            beneficiary_id: beneficiary.map(|b| b.to_string()).unwrap_or_default(),
+            not_before,
+            ..Default::default()
+        };
+        async move {
+            client
+                .call_as::<agent::PlaceBid>(&payer, &request)
+                .await
+                .unwrap()
+                .bid
+                .unwrap()
+        }
+    };
+    let ask = |agents: Vec<AgentId>| {
+        let client = h.client.clone();
+        async move {
+            client
+                .call::<internal::PendingFor>(&pb::PendingForRequest {
+                    agent_ids: agents.iter().map(ToString::to_string).collect(),
+                })
+                .await
+                .unwrap()
+                .agents
+                .into_iter()
+                .map(|p| (p.due, p.scheduled))
+                .collect::<Vec<_>>()
+        }
+    };
+    place(sponsor, "for-them", Some(sponsored), None).await;
+    place(
+        sponsor,
+        "for-them-later",
+        Some(sponsored),
+        Some(in_ms(600_000)),
+    )
+    .await;
+    let own = place(sponsor, "for-me", None, None).await;
+    assert_eq!(
+        ask(vec![sponsored, sponsor, idle]).await,
+        vec![(1, 1), (1, 0), (0, 0)],
+        "in the order asked; the sponsor's bids count for whom they run"
+    );
+    h.client
+        .call_as::<agent::CancelBid>(
+            &sponsor,
+            &pb::CancelBidRequest {
+                idempotency_id: "cancel-mine".into(),
+                bid_id: own.id,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ask(vec![sponsor]).await, vec![(0, 0)]);
+    assert_eq!(ask(vec![]).await, vec![]);
+
+    let too_many: Vec<AgentId> = (0..1001).map(|_| AgentId::random()).collect();
+    let error = h
+        .client
+        .call::<internal::PendingFor>(&pb::PendingForRequest {
+            agent_ids: too_many.iter().map(ToString::to_string).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.code, error.reason.as_str()),
+        (ErrorCode::InvalidArgument, "too_many")
+    );
+    let error = h
+        .client
+        .call::<internal::PendingFor>(&pb::PendingForRequest {
+            agent_ids: vec!["nobody".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidArgument);
+    h.stop().await;
+}

@@ -173,6 +173,32 @@ impl From<PostRow> for StoredPost {
     }
 }
 
+/// A record that is paid for before it counts (a message, a post): its table, its columns, and
+/// the state and time column it reaches once its fee is burned.
+trait Paid: From<Self::Row> + Send {
+    type Row: diesel::QueryableByName<diesel::pg::Pg> + Send + 'static;
+    const TABLE: &'static str;
+    const COLUMNS: &'static str;
+    const DONE: &'static str;
+    const DONE_AT: &'static str;
+}
+
+impl Paid for StoredMessage {
+    type Row = MessageRow;
+    const TABLE: &'static str = "messages";
+    const COLUMNS: &'static str = MESSAGE_COLUMNS;
+    const DONE: &'static str = "sent";
+    const DONE_AT: &'static str = "sent_at";
+}
+
+impl Paid for StoredPost {
+    type Row = PostRow;
+    const TABLE: &'static str = "posts";
+    const COLUMNS: &'static str = POST_COLUMNS;
+    const DONE: &'static str = "posted";
+    const DONE_AT: &'static str = "posted_at";
+}
+
 impl StoredPost {
     pub fn to_message(&self) -> pb::BoardPost {
         pb::BoardPost {
@@ -271,6 +297,68 @@ impl Store {
             .ok_or_else(|| RpcError::internal("a message vanished"))
     }
 
+    /// Its fee is burned: the record reaches its done state at `at`, with its event (once).
+    async fn complete<P: Paid>(
+        &self,
+        id: i64,
+        at: DateTime<Utc>,
+        event: impl Fn(&P) -> PendingEvent + Send + Sync,
+    ) -> Result<(), RpcError> {
+        let mut conn = self.connection().await?;
+        conn.transaction::<(), diesel::result::Error, _>(async |conn| {
+            let rows: Vec<P::Row> = sql(format!(
+                "UPDATE {} SET state = '{}', {} = $2 WHERE id = $1 AND state = 'paying' \
+                 RETURNING {}",
+                P::TABLE,
+                P::DONE,
+                P::DONE_AT,
+                P::COLUMNS
+            ))
+            .bind::<BigInt, _>(id)
+            .bind::<Timestamptz, _>(at)
+            .load(conn)
+            .await?;
+            if let Some(done) = rows.into_iter().next().map(P::from) {
+                outbox::enqueue(conn, &[event(&done)]).await?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(db_error)
+    }
+
+    /// The economy refused the fee: the record is `refused`, for good.
+    async fn refuse<P: Paid>(&self, id: i64, error: &RpcError) -> Result<(), RpcError> {
+        let mut conn = self.connection().await?;
+        sql(format!(
+            "UPDATE {} SET state = 'refused', refusal = $2 WHERE id = $1 AND state = 'paying'",
+            P::TABLE
+        ))
+        .bind::<BigInt, _>(id)
+        .bind::<Bytea, _>(error.to_proto().encode_to_vec())
+        .execute(&mut conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Records left `paying` for `older_than_ms` or more, oldest first.
+    async fn stale<P: Paid>(&self, older_than_ms: u64) -> Result<Vec<P>, RpcError> {
+        let mut conn = self.connection().await?;
+        let rows: Vec<P::Row> = sql(format!(
+            "SELECT {} FROM {} WHERE state = 'paying' \
+             AND created_at < now() - make_interval(secs => $1::bigint / 1000.0) \
+             ORDER BY created_at LIMIT 100",
+            P::COLUMNS,
+            P::TABLE
+        ))
+        .bind::<BigInt, _>(older_than(older_than_ms))
+        .load(&mut conn)
+        .await
+        .map_err(db_error)?;
+        Ok(rows.into_iter().map(P::from).collect())
+    }
+
     /// Writes a message as `paying` (or finds the one written with its idempotency id).
     pub async fn begin_message(&self, new: &NewMessage) -> Result<StoredMessage, RpcError> {
         let mut conn = self.connection().await?;
@@ -303,52 +391,18 @@ impl Store {
         sent_at: DateTime<Utc>,
         event: impl Fn(&StoredMessage) -> PendingEvent + Send + Sync,
     ) -> Result<StoredMessage, RpcError> {
-        let mut conn = self.connection().await?;
-        conn.transaction::<(), diesel::result::Error, _>(async |conn| {
-            let rows: Vec<MessageRow> = sql(format!(
-                "UPDATE messages SET state = 'sent', sent_at = $2 WHERE id = $1 AND state = 'paying' \
-                 RETURNING {MESSAGE_COLUMNS}"
-            ))
-            .bind::<BigInt, _>(id)
-            .bind::<Timestamptz, _>(sent_at)
-            .load(conn)
-            .await?;
-            if let Some(sent) = rows.into_iter().next().map(StoredMessage::from) {
-                outbox::enqueue(conn, &[event(&sent)]).await?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(db_error)?;
-        drop(conn);
+        self.complete::<StoredMessage>(id, sent_at, event).await?;
         self.message(id).await
     }
 
     /// The economy refused its fee: the message is `refused`, for good.
     pub async fn refuse_message(&self, id: i64, error: &RpcError) -> Result<(), RpcError> {
-        let mut conn = self.connection().await?;
-        sql("UPDATE messages SET state = 'refused', refusal = $2 WHERE id = $1 AND state = 'paying'")
-            .bind::<BigInt, _>(id)
-            .bind::<Bytea, _>(error.to_proto().encode_to_vec())
-            .execute(&mut conn)
-            .await
-            .map_err(db_error)?;
-        Ok(())
+        self.refuse::<StoredMessage>(id, error).await
     }
 
     /// Messages left `paying` for `older_than_ms` or more.
     pub async fn stale_messages(&self, older_than_ms: u64) -> Result<Vec<StoredMessage>, RpcError> {
-        let mut conn = self.connection().await?;
-        let rows: Vec<MessageRow> = sql(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE state = 'paying' \
-             AND created_at < now() - make_interval(secs => $1::bigint / 1000.0) \
-             ORDER BY created_at LIMIT 100"
-        ))
-        .bind::<BigInt, _>(older_than(older_than_ms))
-        .load(&mut conn)
-        .await
-        .map_err(db_error)?;
-        Ok(rows.into_iter().map(StoredMessage::from).collect())
+        self.stale(older_than_ms).await
     }
 
     /// Messages to `recipient` sent in `delivery`'s range, oldest first, at most `limit`.
@@ -490,50 +544,16 @@ impl Store {
         posted_at: DateTime<Utc>,
         event: impl Fn(&StoredPost) -> PendingEvent + Send + Sync,
     ) -> Result<StoredPost, RpcError> {
-        let mut conn = self.connection().await?;
-        conn.transaction::<(), diesel::result::Error, _>(async |conn| {
-            let rows: Vec<PostRow> = sql(format!(
-                "UPDATE posts SET state = 'posted', posted_at = $2 WHERE id = $1 AND state = 'paying' \
-                 RETURNING {POST_COLUMNS}"
-            ))
-            .bind::<BigInt, _>(id)
-            .bind::<Timestamptz, _>(posted_at)
-            .load(conn)
-            .await?;
-            if let Some(posted) = rows.into_iter().next().map(StoredPost::from) {
-                outbox::enqueue(conn, &[event(&posted)]).await?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(db_error)?;
-        drop(conn);
+        self.complete::<StoredPost>(id, posted_at, event).await?;
         self.post(id).await
     }
 
     pub async fn refuse_post(&self, id: i64, error: &RpcError) -> Result<(), RpcError> {
-        let mut conn = self.connection().await?;
-        sql("UPDATE posts SET state = 'refused', refusal = $2 WHERE id = $1 AND state = 'paying'")
-            .bind::<BigInt, _>(id)
-            .bind::<Bytea, _>(error.to_proto().encode_to_vec())
-            .execute(&mut conn)
-            .await
-            .map_err(db_error)?;
-        Ok(())
+        self.refuse::<StoredPost>(id, error).await
     }
 
     pub async fn stale_posts(&self, older_than_ms: u64) -> Result<Vec<StoredPost>, RpcError> {
-        let mut conn = self.connection().await?;
-        let rows: Vec<PostRow> = sql(format!(
-            "SELECT {POST_COLUMNS} FROM posts WHERE state = 'paying' \
-             AND created_at < now() - make_interval(secs => $1::bigint / 1000.0) \
-             ORDER BY created_at LIMIT 100"
-        ))
-        .bind::<BigInt, _>(older_than(older_than_ms))
-        .load(&mut conn)
-        .await
-        .map_err(db_error)?;
-        Ok(rows.into_iter().map(StoredPost::from).collect())
+        self.stale(older_than_ms).await
     }
 
     /// The board, newest first: `limit` posts with ids below `before_id` (0: from the newest).

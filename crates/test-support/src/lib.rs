@@ -286,3 +286,60 @@ mod tests {
         );
     }
 }
+
+/// A service's settings for a test, as the `SYNTROPISM__…` environment it reads: the test's
+/// nats-server, the fresh database as `role` (whose password is its name), a small pool, no
+/// HTTP listener, a fast outbox; then `extra`, which may override any of them.
+pub fn service_vars(
+    nats: &Nats,
+    pg: &Postgres,
+    role: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("SYNTROPISM__NATS__URL".to_owned(), nats.url()),
+        (
+            "SYNTROPISM__DATABASE__URL".to_owned(),
+            pg.url_for(role, role),
+        ),
+        ("SYNTROPISM__DATABASE__ADMIN_URL".to_owned(), pg.admin_url()),
+        ("SYNTROPISM__DATABASE__POOL_SIZE".to_owned(), "4".to_owned()),
+        ("SYNTROPISM__HTTP__ENABLED".to_owned(), "false".to_owned()),
+        (
+            "SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".to_owned(),
+            "50".to_owned(),
+        ),
+    ];
+    vars.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    vars
+}
+
+/// A service running in this test's process: the token that stops it and its task.
+#[derive(Debug)]
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Runs `service` (a service's `run()` future), stopped by `stop`.
+    pub fn spawn(
+        stop: tokio_util::sync::CancellationToken,
+        service: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Running {
+        Running {
+            stop,
+            task: tokio::spawn(service),
+        }
+    }
+
+    /// Stops the service and waits for it to finish.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}

@@ -6,39 +6,17 @@ use std::time::Duration;
 
 use syntropism_contracts::economy::internal as economy;
 use syntropism_contracts::{AgentId, RpcClient, pb};
-use syntropism_test_support::{Nats, Postgres};
+use syntropism_test_support::{Nats, Postgres, Running, service_vars};
 use tokio_util::sync::CancellationToken;
 
 pub const CREDIT: i64 = 1_000_000;
 
 fn env(nats: &Nats, pg: &Postgres, role: &str) -> Vec<(String, String)> {
-    vec![
-        ("SYNTROPISM__NATS__URL".into(), nats.url()),
-        ("SYNTROPISM__DATABASE__URL".into(), pg.url_for(role, role)),
-        ("SYNTROPISM__DATABASE__ADMIN_URL".into(), pg.admin_url()),
-        ("SYNTROPISM__DATABASE__POOL_SIZE".into(), "6".into()),
-        ("SYNTROPISM__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
-        ("SYNTROPISM__OUTBOX__POLL_INTERVAL_MS".into(), "50".into()),
-    ]
-}
-
-pub struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    pub async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap();
-    }
+    service_vars(nats, pg, role, &[("SYNTROPISM__DATABASE__POOL_SIZE", "6")])
 }
 
 fn spawn(service: syntropism_platform::Service, stop: CancellationToken) -> Running {
-    Running {
-        stop,
-        task: tokio::spawn(service.run()),
-    }
+    Running::spawn(stop, service.run())
 }
 
 pub async fn start_scheduler(nats: &Nats, pg: &Postgres, extra: &[(&str, &str)]) -> Running {
