@@ -631,6 +631,11 @@ impl Orchestrator {
         if next == current {
             return Ok(());
         }
+        // Death is final: never on counts read before this agent's check began (the sweep's
+        // batch), since it may have bid meanwhile (in a window that just ended, or a sponsor).
+        if next == pb::AgentStatus::Dead && pending.is_some() {
+            return Box::pin(self.try_settle(agent, cheapest, None)).await;
+        }
         let cause = match next {
             pb::AgentStatus::Dead => {
                 "broke: no window, no bid, and less than the cheapest window costs"
