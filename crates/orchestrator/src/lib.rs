@@ -51,6 +51,9 @@ pub struct Orchestrator {
     /// Woken (one waiter at a time) when a run ends, so a window waiting for a runner with
     /// room tries again at once instead of at its next poll.
     room: Notify,
+    /// Held (write) by a tick from clearing a round until its executions are recorded, and
+    /// (read) by every settling of an agent's status.
+    tick_gate: tokio::sync::RwLock<()>,
     windows: TaskTracker,
     stop: CancellationToken,
 }
@@ -131,6 +134,7 @@ pub async fn start(
         outbox: service.outbox.clone(),
         carrying: Mutex::new(HashSet::new()),
         room: Notify::new(),
+        tick_gate: tokio::sync::RwLock::new(()),
         windows: TaskTracker::new(),
         stop: stop.clone(),
     });

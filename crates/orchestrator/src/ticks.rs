@@ -112,12 +112,15 @@ impl Orchestrator {
         if let Err(error) = self.genesis().await {
             tracing::warn!(%error, "genesis failed; tried again next tick");
         }
+        // From the round's clearing to its executions' records, no agent is settled.
+        let gate = self.tick_gate.write().await;
         let cleared = self
             .call::<scheduler::Clear>(&pb::ClearRequest { round: tick })
             .await?;
         self.store
             .create_executions(tick, &cleared.allocations)
             .await?;
+        drop(gate);
         // This round's windows, and any earlier one a failure left open (each is carried by one
         // task at a time).
         for execution in self.store.open_executions().await? {
@@ -580,12 +583,17 @@ impl Orchestrator {
         cheapest: Option<i64>,
         pending: Option<(u32, u32)>,
     ) {
+        // Not while a tick is between clearing a round and recording its executions: a bid
+        // that has just won is no longer pending, and its window not yet open, so the agent
+        // would look as if nothing were coming.
+        let _gate = self.tick_gate.read().await;
         if let Err(error) = self.try_settle(agent, cheapest, pending).await {
             tracing::warn!(%agent, %error, "settling an agent failed; tried again next tick");
         }
     }
 
-    /// `pending`: the agent's pending bids (due, scheduled) if already known.
+    /// `pending`: the agent's pending bids (due, scheduled) if already known. Called with the
+    /// tick gate held.
     async fn try_settle(
         &self,
         agent: AgentId,
