@@ -8,14 +8,14 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use syntropism_attention::handlers::reward_key;
 use syntropism_contracts::attention::{admin, agent};
 use syntropism_contracts::economy::internal as economy;
-use syntropism_contracts::rpc::decode_reply;
-use syntropism_contracts::{AgentId, ErrorCode, Method, RpcClient, RpcError, pb};
-use syntropism_test_support::{Nats, Postgres, Running, service_vars};
+use syntropism_contracts::{AgentId, ErrorCode, RpcClient, RpcError, pb};
+use syntropism_test_support::{
+    Nats, Postgres, Running, assert_garbage_refused, service_vars, subject_of,
+};
 use tokio_util::sync::CancellationToken;
 
 const CREDIT: i64 = 1_000_000;
@@ -293,42 +293,13 @@ async fn garbage_and_hostile_requests_are_refused() {
     let client = client(&nats).await;
     let service = attention(&nats, &pg).await;
     let agent = AgentId::random();
-    fn subject<M: Method>(agent: &AgentId) -> String {
-        M::ENDPOINT
-            .subject(Some(agent))
-            .or_else(|_| M::ENDPOINT.subject(None))
-            .unwrap()
-    }
     let subjects = [
-        subject::<agent::SubmitPrompt>(&agent),
-        subject::<admin::PendingPrompts>(&agent),
-        subject::<admin::Reward>(&agent),
-        subject::<admin::Dismiss>(&agent),
+        subject_of::<agent::SubmitPrompt>(&agent),
+        subject_of::<admin::PendingPrompts>(&agent),
+        subject_of::<admin::Reward>(&agent),
+        subject_of::<admin::Dismiss>(&agent),
     ];
-    let garbage = [
-        bytes::Bytes::from_static(&[0xff; 16]),
-        bytes::Bytes::from_static(b"\x0a\xff\xff\xff\xff\x0f"),
-        bytes::Bytes::from(vec![
-            0x08;
-            syntropism_contracts::rpc::DEFAULT_MAX_REQUEST_BYTES + 1
-        ]),
-    ];
-    for subject in &subjects {
-        for (i, payload) in garbage.iter().enumerate() {
-            let reply = client
-                .request_raw(subject, HeaderMap::new(), payload.clone())
-                .await
-                .unwrap();
-            let error = decode_reply::<pb::PendingPromptsResponse>(reply).unwrap_err();
-            assert!(
-                matches!(
-                    error.code,
-                    ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge
-                ),
-                "{subject} garbage #{i}: {error}"
-            );
-        }
-    }
+    assert_garbage_refused(&client, &subjects).await;
     let prompt = |key: &str, content: String| {
         let client = client.clone();
         let request = pb::SubmitPromptRequest {

@@ -2,13 +2,11 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use syntropism_contracts::market::{admin, agent, internal};
-use syntropism_contracts::rpc::decode_reply;
-use syntropism_contracts::{AgentId, ErrorCode, Method, RpcClient, pb};
+use syntropism_contracts::{AgentId, ErrorCode, RpcClient, pb};
 use syntropism_market::MarketConfig;
 use syntropism_market::pricing::{self, Bounds, Prices, RoundOutcome, Winner};
-use syntropism_test_support::{Nats, Postgres};
+use syntropism_test_support::{Nats, Postgres, assert_garbage_refused, subject_of};
 use tokio_util::sync::CancellationToken;
 
 fn config(nats: &Nats, pg: &Postgres, extra: &[(&str, &str)]) -> MarketConfig {
@@ -356,44 +354,14 @@ async fn garbage_on_every_subject_gets_an_error_and_changes_nothing() {
     let market = start(&config(&nats, &pg, &[])).await;
     let client = client(&nats).await;
     let alice = AgentId::random();
-    fn subject<M: Method>(agent: &AgentId) -> String {
-        M::ENDPOINT
-            .subject(Some(agent))
-            .or_else(|_| M::ENDPOINT.subject(None))
-            .unwrap()
-    }
     let subjects = [
-        subject::<internal::Catalogue>(&alice),
-        subject::<internal::Quote>(&alice),
-        subject::<internal::ReportRound>(&alice),
-        subject::<agent::State>(&alice),
-        subject::<admin::UpdateCatalogue>(&alice),
+        subject_of::<internal::Catalogue>(&alice),
+        subject_of::<internal::Quote>(&alice),
+        subject_of::<internal::ReportRound>(&alice),
+        subject_of::<agent::State>(&alice),
+        subject_of::<admin::UpdateCatalogue>(&alice),
     ];
-    let garbage: Vec<bytes::Bytes> = vec![
-        bytes::Bytes::from_static(&[0xff; 16]),
-        bytes::Bytes::from_static(b"\x0a\xff\xff\xff\xff\x0f"),
-        bytes::Bytes::from_static(b"\x12\x05abc"),
-        bytes::Bytes::from(vec![
-            0x08;
-            syntropism_contracts::rpc::DEFAULT_MAX_REQUEST_BYTES + 1
-        ]),
-    ];
-    for subject in &subjects {
-        for (i, payload) in garbage.iter().enumerate() {
-            let reply = client
-                .request_raw(subject, HeaderMap::new(), payload.clone())
-                .await
-                .expect("a reply");
-            let error = decode_reply::<pb::CatalogueResponse>(reply).unwrap_err();
-            assert!(
-                matches!(
-                    error.code,
-                    ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge
-                ),
-                "{subject} garbage #{i}: {error}"
-            );
-        }
-    }
+    assert_garbage_refused(&client, &subjects).await;
     // Hostile but well-formed: an overflowing round, a negative payment, an inverted bound.
     let overflow = pb::ReportRoundRequest {
         round: 9,

@@ -8,15 +8,15 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use sha2::Digest as _;
 use syntropism_contracts::economy::internal as economy;
-use syntropism_contracts::rpc::decode_reply;
 use syntropism_contracts::social::{admin, agent, internal};
-use syntropism_contracts::{AgentId, ErrorCode, IdempotencyId, Method, RpcClient, pb};
+use syntropism_contracts::{AgentId, ErrorCode, IdempotencyId, RpcClient, pb};
 use syntropism_social::rules;
-use syntropism_test_support::{Nats, Postgres, Running, service_vars};
+use syntropism_test_support::{
+    Nats, Postgres, Running, assert_garbage_refused, service_vars, subject_of,
+};
 use tokio_util::sync::CancellationToken;
 
 const CREDIT: i64 = 1_000_000;
@@ -367,44 +367,15 @@ async fn garbage_and_hostile_requests_are_refused() {
     let client = client(&nats).await;
     let service = social(&nats, &pg, &[]).await;
     let agent = AgentId::random();
-    fn subject<M: Method>(agent: &AgentId) -> String {
-        M::ENDPOINT
-            .subject(Some(agent))
-            .or_else(|_| M::ENDPOINT.subject(None))
-            .unwrap()
-    }
     let subjects = [
-        subject::<agent::SendMessage>(&agent),
-        subject::<agent::ReadInbox>(&agent),
-        subject::<agent::Post>(&agent),
-        subject::<agent::ReadBoard>(&agent),
-        subject::<internal::InboxSummary>(&agent),
-        subject::<admin::HumanMessages>(&agent),
+        subject_of::<agent::SendMessage>(&agent),
+        subject_of::<agent::ReadInbox>(&agent),
+        subject_of::<agent::Post>(&agent),
+        subject_of::<agent::ReadBoard>(&agent),
+        subject_of::<internal::InboxSummary>(&agent),
+        subject_of::<admin::HumanMessages>(&agent),
     ];
-    let garbage = [
-        bytes::Bytes::from_static(&[0xff; 16]),
-        bytes::Bytes::from_static(b"\x0a\xff\xff\xff\xff\x0f"),
-        bytes::Bytes::from(vec![
-            0x08;
-            syntropism_contracts::rpc::DEFAULT_MAX_REQUEST_BYTES + 1
-        ]),
-    ];
-    for subject in &subjects {
-        for (i, payload) in garbage.iter().enumerate() {
-            let reply = client
-                .request_raw(subject, HeaderMap::new(), payload.clone())
-                .await
-                .unwrap();
-            let error = decode_reply::<pb::ReadBoardResponse>(reply).unwrap_err();
-            assert!(
-                matches!(
-                    error.code,
-                    ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge
-                ),
-                "{subject} garbage #{i}: {error}"
-            );
-        }
-    }
+    assert_garbage_refused(&client, &subjects).await;
     let send = |key: &str, to: &str, body: String| {
         let client = client.clone();
         let request = pb::SendMessageRequest {

@@ -343,3 +343,56 @@ impl Running {
         self.task.await.unwrap();
     }
 }
+
+/// The subject a request for `M` goes to: as `agent` for agent-facing methods, else the
+/// method's own subject.
+pub fn subject_of<M: syntropism_contracts::Method>(
+    agent: &syntropism_contracts::AgentId,
+) -> String {
+    M::ENDPOINT
+        .subject(Some(agent))
+        .or_else(|_| M::ENDPOINT.subject(None))
+        .unwrap()
+}
+
+/// Sends bytes that are not a valid request (not protobuf, a truncated field, one byte over the
+/// size limit) to each of `subjects`, and asserts each is answered with `INVALID_ARGUMENT` or
+/// `PAYLOAD_TOO_LARGE`.
+pub async fn assert_garbage_refused(client: &syntropism_contracts::RpcClient, subjects: &[String]) {
+    use syntropism_contracts::ErrorCode;
+    let garbage = [
+        bytes::Bytes::from_static(&[0xff; 16]),
+        bytes::Bytes::from_static(b"\x0a\xff\xff\xff\xff\x0f"),
+        bytes::Bytes::from_static(b"\x12\x05abc"),
+        bytes::Bytes::from(vec![
+            0x08;
+            syntropism_contracts::rpc::DEFAULT_MAX_REQUEST_BYTES + 1
+        ]),
+    ];
+    for subject in subjects {
+        for (i, payload) in garbage.iter().enumerate() {
+            let reply = client
+                .request_raw(subject, async_nats::HeaderMap::new(), payload.clone())
+                .await
+                .expect("a reply");
+            assert!(
+                reply
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(syntropism_contracts::headers::ERROR).is_some()),
+                "{subject} garbage #{i}: answered as if valid"
+            );
+            // An error reply: its decoding does not depend on the method's response type.
+            let error =
+                syntropism_contracts::rpc::decode_reply::<syntropism_contracts::pb::Error>(reply)
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    error.code,
+                    ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge
+                ),
+                "{subject} garbage #{i}: {error}"
+            );
+        }
+    }
+}
