@@ -416,15 +416,12 @@ impl Attention {
     /// Sweeps every `sweep_interval_ms` until `stop`.
     pub async fn sweep_until(self: Arc<Self>, stop: CancellationToken) {
         let period = Duration::from_millis(self.config.sweep_interval_ms);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(period) => {}
-            }
+        syntropism_platform::shutdown::every(period, &stop, || async {
             if let Err(error) = self.sweep().await {
                 tracing::warn!(%error, "attention sweep failed; tried again");
             }
-        }
+        })
+        .await;
     }
 }
 

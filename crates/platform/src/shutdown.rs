@@ -24,3 +24,19 @@ pub fn on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Runs `work` every `period` (after waiting the first period) until `stop` is cancelled;
+/// never two at once, and a cancellation waits for a round already under way.
+pub async fn every<F, Fut>(period: std::time::Duration, stop: &CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+        work().await;
+    }
+}
